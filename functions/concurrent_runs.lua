@@ -1,0 +1,485 @@
+#!lua name=concurrent_runs
+--[[
+concurrent_runs: a counting semaphore with leases, one sorted set per limit key.
+
+Clock: every time is Redis server time (TIME) in milliseconds. Callers never
+pass a timestamp, so client clock skew cannot change a decision.
+
+Layout of the sorted set at KEY. The score regions never overlap, so one key
+holds the slots and the queue of waiters, and every call touches one key (which
+keeps the library usable on Redis Cluster without hash tags):
+
+    member          score                          meaning
+    TOKEN           lease end                      a slot (score < LEASE_BASE)
+    "\0l" .. TOKEN  LEASE_BASE + waiter lease end  a waiter is still waiting
+    "\0q" .. TOKEN  ORDER_BASE + arrival time      the waiter's place in line
+
+A slot or a waiter whose lease end is at or before now has ended: it never
+counts, whether or not it has been removed yet. Ended entries are removed a
+bounded batch at a time, so that no call does work proportional to the number
+of ended leases.
+]]
+
+local VERSION = '1.1.0'
+
+local LEASE_BASE = 2 ^ 46 -- ms since the epoch stay below this until the year 4199
+local ORDER_BASE = 2 ^ 47
+local MAX_TIMEOUT_MS = 2 ^ 40 -- about 34 years; keeps every score an exact integer
+local MAX_SLOTS_LIMIT = 2 ^ 31 - 1
+local MAX_TOKEN_BYTES = 256
+local CLEANUP_BATCH = 16 -- ended entries removed by each acquire, release or extend
+local REAP_BATCH = 500 -- ended entries removed by one runs_reap call
+
+local WAITER_LEASE_PREFIX = '\0l'
+local WAITER_ORDER_PREFIX = '\0q'
+
+-- redis.call is only reachable while a function runs, not while the library
+-- loads, so the alias looks it up on each call.
+local function call(...)
+    return redis.call(...)
+end
+
+-- Argument checks -----------------------------------------------------------
+
+-- Quote a caller's value for an error reply: printable ASCII only, cut short.
+local function quote(value)
+    local text = tostring(value)
+    local cut = string.sub(text, 1, 40)
+    cut = string.gsub(cut, '[^%w%p ]', '?')
+    if #text > 40 then
+        cut = cut .. '...'
+    end
+    return "'" .. cut .. "'"
+end
+
+local function check_arity(name, keys, args, key_names, arg_names)
+    if #keys ~= #key_names then
+        return redis.error_reply(string.format(
+            'ERR wrong number of keys for %s: expected %d (%s), got %d',
+            name, #key_names, table.concat(key_names, ' '), #keys))
+    end
+    if #args ~= #arg_names then
+        return redis.error_reply(string.format(
+            'ERR wrong number of arguments for %s: expected %d (%s), got %d',
+            name, #arg_names, table.concat(arg_names, ' '), #args))
+    end
+    return nil
+end
+
+-- Parse a decimal integer in 1..maximum; digits only, so '1.5', '1e3', ' 7'
+-- and '-1' are all rejected rather than silently rounded.
+local function parse_positive_int(value, arg_name, maximum)
+    local text = tostring(value)
+    if #text > 16 or not string.match(text, '^[1-9]%d*$') then
+        return nil, redis.error_reply(string.format(
+            'ERR invalid %s %s: must be a positive integer', arg_name, quote(text)))
+    end
+    local number = tonumber(text)
+    if number > maximum then
+        return nil, redis.error_reply(string.format(
+            'ERR invalid %s %s: must be at most %d', arg_name, quote(text), maximum))
+    end
+    return number, nil
+end
+
+local function check_token(token)
+    if #token == 0 then
+        return redis.error_reply('ERR invalid TOKEN: must not be empty')
+    end
+    if #token > MAX_TOKEN_BYTES then
+        return redis.error_reply(string.format(
+            'ERR invalid TOKEN: must be at most %d bytes, got %d',
+            MAX_TOKEN_BYTES, #token))
+    end
+    return nil
+end
+
+-- Clock and queries ---------------------------------------------------------
+
+local function now_ms()
+    local time = call('TIME')
+    return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- Score bounds as ZRANGEBYSCORE arguments; '(' makes a bound exclusive.
+local function exclusive(score)
+    return '(' .. string.format('%d', score)
+end
+
+local function inclusive(score)
+    return string.format('%d', score)
+end
+
+local function count_live_slots(key, now)
+    return call('ZCOUNT', key, exclusive(now), exclusive(LEASE_BASE))
+end
+
+local function count_live_waiters(key, now)
+    return call('ZCOUNT', key, exclusive(LEASE_BASE + now), exclusive(ORDER_BASE))
+end
+
+-- Return the score of TOKEN's slot, or nil when TOKEN holds no slot entry.
+-- A token that names a waiter entry gets an error: it was crafted to collide.
+local function slot_score(key, token)
+    local score = call('ZSCORE', key, token)
+    if not score then
+        return nil, nil
+    end
+    score = tonumber(score)
+    if score >= LEASE_BASE then
+        return nil, redis.error_reply('ERR invalid TOKEN: it names a waiter entry')
+    end
+    return score, nil
+end
+
+-- Return the highest score in [low, high), or nil when there is none.
+local function max_score_below(key, low, high)
+    local top = call('ZREVRANGEBYSCORE', key, exclusive(high), inclusive(low),
+        'WITHSCORES', 'LIMIT', 0, 1)
+    if #top == 0 then
+        return nil
+    end
+    return tonumber(top[2])
+end
+
+-- Writes --------------------------------------------------------------------
+
+-- Remove up to `limit` ended slots and up to `limit` ended waiters.
+-- Return the number of ended slots removed and of ended waiters removed.
+local function remove_ended(key, now, limit)
+    local slots = call('ZRANGEBYSCORE', key, '-inf', inclusive(now), 'LIMIT', 0, limit)
+    if #slots > 0 then
+        call('ZREM', key, unpack(slots))
+    end
+
+    local leases = call('ZRANGEBYSCORE', key, inclusive(LEASE_BASE),
+        inclusive(LEASE_BASE + now), 'LIMIT', 0, limit)
+    for _, lease_member in ipairs(leases) do
+        local token = string.sub(lease_member, #WAITER_LEASE_PREFIX + 1)
+        call('ZREM', key, lease_member, WAITER_ORDER_PREFIX .. token)
+    end
+    return #slots, #leases
+end
+
+-- Set KEY to expire when its longest lease ends, so that it never outlives
+-- its leases and never lives without a TTL. A key left holding only ended
+-- entries (more than one cleanup batch) expires at once.
+local function refresh_ttl(key, now)
+    local slot_end = max_score_below(key, 0, LEASE_BASE)
+    local waiter_end = max_score_below(key, LEASE_BASE, ORDER_BASE)
+    if waiter_end then
+        waiter_end = waiter_end - LEASE_BASE
+    end
+    local last_end = math.max(slot_end or 0, waiter_end or 0)
+    if last_end > now then
+        call('PEXPIREAT', key, inclusive(last_end))
+    elseif call('EXISTS', key) == 1 then
+        call('PEXPIRE', key, 1)
+    end
+end
+
+local function remove_waiter(key, token)
+    return call('ZREM', key, WAITER_LEASE_PREFIX .. token, WAITER_ORDER_PREFIX .. token)
+end
+
+-- Tell waiters on KEY that a slot or a place in line may have come free.
+-- The channel is sharded (SPUBLISH) and named like the key, so on a cluster
+-- the message stays on the shard that owns the key.
+local function notify_waiters(key)
+    call('SPUBLISH', key, 'free')
+end
+
+-- Return how many live waiters stand ahead of TOKEN: all of them when TOKEN
+-- is not in line. Ended waiters that are not removed yet may still be counted
+-- here, which delays TOKEN but never grants a slot too many.
+local function waiters_ahead(key, token, now)
+    local live = count_live_waiters(key, now)
+    local rank = call('ZRANK', key, WAITER_ORDER_PREFIX .. token)
+    if not rank then
+        return live, false
+    end
+    local below_order = call('ZCOUNT', key, '-inf', exclusive(ORDER_BASE))
+    return math.min(rank - below_order, live), true
+end
+
+-- Return the ms until the soonest live slot ends, or -1 when none is held.
+local function ms_until_next_end(key, now)
+    local first = call('ZRANGEBYSCORE', key, exclusive(now), exclusive(LEASE_BASE),
+        'WITHSCORES', 'LIMIT', 0, 1)
+    if #first == 0 then
+        return -1
+    end
+    return tonumber(first[2]) - now
+end
+
+-- Grant TOKEN a slot if it may have one. Return 1 when granted (or renewed)
+-- or 0 when not, then an error reply or nil, then the number of live waiters
+-- ahead of TOKEN.
+local function try_acquire(key, max_slots, timeout_ms, token, now)
+    local score, err = slot_score(key, token)
+    if err then
+        return nil, err, nil
+    end
+    if score and score > now then
+        call('ZADD', key, inclusive(now + timeout_ms), token)
+        remove_waiter(key, token)
+        return 1, nil, 0
+    end
+
+    local ahead = waiters_ahead(key, token, now)
+    if count_live_slots(key, now) + ahead >= max_slots then
+        return 0, nil, ahead
+    end
+    call('ZADD', key, inclusive(now + timeout_ms), token)
+    remove_waiter(key, token)
+    return 1, nil, 0
+end
+
+-- Registered functions ------------------------------------------------------
+
+--[[
+runs_acquire: take a slot for TOKEN if KEY has a free one.
+  KEYS[1]  the limit key (a sorted set)
+  ARGV[1]  MAX_SLOTS   positive integer, at most 2^31-1
+  ARGV[2]  TIMEOUT_MS  lease length in ms, positive, at most 2^40
+  ARGV[3]  TOKEN       1 to 256 bytes
+Returns 1 when TOKEN holds a slot, 0 when every slot is taken or promised to
+waiters already in line. A TOKEN that holds a live slot keeps it with a fresh
+lease, so a retried acquire never takes a second slot.
+Errors: ERR naming the bad argument; nothing is changed.
+]]
+local function runs_acquire(keys, args)
+    local err = check_arity('runs_acquire', keys, args, {'KEY'},
+        {'MAX_SLOTS', 'TIMEOUT_MS', 'TOKEN'})
+    if err then return err end
+    local key, token = keys[1], args[3]
+    local max_slots, timeout_ms
+    max_slots, err = parse_positive_int(args[1], 'MAX_SLOTS', MAX_SLOTS_LIMIT)
+    if err then return err end
+    timeout_ms, err = parse_positive_int(args[2], 'TIMEOUT_MS', MAX_TIMEOUT_MS)
+    if err then return err end
+    err = check_token(token)
+    if err then return err end
+
+    local now = now_ms()
+    local granted
+    granted, err = try_acquire(key, max_slots, timeout_ms, token, now)
+    if err then return err end
+    remove_ended(key, now, CLEANUP_BATCH)
+    if granted == 1 then
+        refresh_ttl(key, now)
+    end
+    return granted
+end
+
+--[[
+runs_wait: take a slot for TOKEN, or keep its place in the line of waiters.
+  KEYS[1]  the limit key
+  ARGV[1]  MAX_SLOTS      as runs_acquire
+  ARGV[2]  TIMEOUT_MS     lease of the slot when granted, ms
+  ARGV[3]  TOKEN          as runs_acquire
+  ARGV[4]  WAIT_LEASE_MS  how long the place in line lasts unless renewed by
+                          calling again, ms, positive, at most 2^40
+Waiters are served in the order they first called (server time, then token).
+A waiter that stops calling loses its place when its wait lease ends.
+Returns a flat array {GRANTED, AHEAD, NEXT_END_MS}: GRANTED is 1 when TOKEN
+now holds a slot (then AHEAD and NEXT_END_MS are 0), else 0; AHEAD is the
+number of live waiters before TOKEN; NEXT_END_MS is the time until the soonest
+live slot's lease ends, or -1 when no slot is held.
+Errors: ERR naming the bad argument; nothing is changed.
+]]
+local function runs_wait(keys, args)
+    local err = check_arity('runs_wait', keys, args, {'KEY'},
+        {'MAX_SLOTS', 'TIMEOUT_MS', 'TOKEN', 'WAIT_LEASE_MS'})
+    if err then return err end
+    local key, token = keys[1], args[3]
+    local max_slots, timeout_ms, wait_lease_ms
+    max_slots, err = parse_positive_int(args[1], 'MAX_SLOTS', MAX_SLOTS_LIMIT)
+    if err then return err end
+    timeout_ms, err = parse_positive_int(args[2], 'TIMEOUT_MS', MAX_TIMEOUT_MS)
+    if err then return err end
+    err = check_token(token)
+    if err then return err end
+    wait_lease_ms, err = parse_positive_int(args[4], 'WAIT_LEASE_MS', MAX_TIMEOUT_MS)
+    if err then return err end
+
+    local now = now_ms()
+    -- Ended waiters go first, so that they do not stand in line ahead of TOKEN.
+    remove_ended(key, now, CLEANUP_BATCH)
+    local granted, ahead
+    granted, err, ahead = try_acquire(key, max_slots, timeout_ms, token, now)
+    if err then return err end
+    if granted == 1 then
+        refresh_ttl(key, now)
+        return {1, 0, 0}
+    end
+
+    local lease_member = WAITER_LEASE_PREFIX .. token
+    local order_member = WAITER_ORDER_PREFIX .. token
+    call('ZADD', key, inclusive(LEASE_BASE + now + wait_lease_ms), lease_member)
+    call('ZADD', key, 'NX', inclusive(ORDER_BASE + now), order_member)
+    refresh_ttl(key, now)
+    return {0, ahead, ms_until_next_end(key, now)}
+end
+
+--[[
+runs_release: free TOKEN's slot, and take TOKEN out of the line of waiters.
+  KEYS[1]  the limit key
+  ARGV[1]  TOKEN
+Returns 1 when TOKEN held a live slot, now freed; 0 when it held none or its
+lease had already ended. Waiters on KEY are told when a slot or a place in
+line came free.
+Errors: ERR naming the bad argument; nothing is changed.
+]]
+local function runs_release(keys, args)
+    local err = check_arity('runs_release', keys, args, {'KEY'}, {'TOKEN'})
+    if err then return err end
+    local key, token = keys[1], args[1]
+    err = check_token(token)
+    if err then return err end
+
+    local now = now_ms()
+    local score
+    score, err = slot_score(key, token)
+    if err then return err end
+    local freed = 0
+    if score then
+        call('ZREM', key, token)
+        if score > now then
+            freed = 1
+        end
+    end
+    local left_line = remove_waiter(key, token)
+    remove_ended(key, now, CLEANUP_BATCH)
+    refresh_ttl(key, now)
+    if freed == 1 or left_line > 0 then
+        notify_waiters(key)
+    end
+    return freed
+end
+
+--[[
+runs_extend: give TOKEN's live lease a new end, TIMEOUT_MS from now.
+  KEYS[1]  the limit key
+  ARGV[1]  TOKEN
+  ARGV[2]  TIMEOUT_MS  ms, positive, at most 2^40; may be shorter than before
+Returns 1 when the lease now ends TIMEOUT_MS from now; 0 when TOKEN held no
+live slot. An ended lease is never revived.
+Errors: ERR naming the bad argument; nothing is changed.
+]]
+local function runs_extend(keys, args)
+    local err = check_arity('runs_extend', keys, args, {'KEY'}, {'TOKEN', 'TIMEOUT_MS'})
+    if err then return err end
+    local key, token = keys[1], args[1]
+    err = check_token(token)
+    if err then return err end
+    local timeout_ms
+    timeout_ms, err = parse_positive_int(args[2], 'TIMEOUT_MS', MAX_TIMEOUT_MS)
+    if err then return err end
+
+    local now = now_ms()
+    local score
+    score, err = slot_score(key, token)
+    if err then return err end
+    local extended = 0
+    if score and score > now then
+        call('ZADD', key, 'XX', inclusive(now + timeout_ms), token)
+        extended = 1
+    end
+    local removed = remove_ended(key, now, CLEANUP_BATCH)
+    if extended == 1 or removed > 0 then
+        refresh_ttl(key, now)
+    end
+    return extended
+end
+
+--[[
+runs_count: the number of live slots at KEY. Read-only (FCALL_RO, replicas).
+  KEYS[1]  the limit key
+Returns an integer.
+]]
+local function runs_count(keys, args)
+    local err = check_arity('runs_count', keys, args, {'KEY'}, {})
+    if err then return err end
+    return count_live_slots(keys[1], now_ms())
+end
+
+--[[
+runs_holders: the live slots at KEY, soonest to end first. Read-only.
+  KEYS[1]  the limit key
+  ARGV[1]  LIMIT  optional, positive integer: return at most this many slots
+Returns a flat array {TOKEN, MS_LEFT, TOKEN, MS_LEFT, ...}. Without LIMIT the
+reply grows with the number of live slots.
+]]
+local function runs_holders(keys, args)
+    if #keys ~= 1 then
+        return check_arity('runs_holders', keys, {}, {'KEY'}, {})
+    end
+    if #args > 1 then
+        return redis.error_reply(string.format(
+            'ERR wrong number of arguments for runs_holders: expected 0 or 1 (LIMIT), got %d',
+            #args))
+    end
+    local err
+    local key = keys[1]
+    local limit = -1
+    if #args == 1 then
+        limit, err = parse_positive_int(args[1], 'LIMIT', MAX_SLOTS_LIMIT)
+        if err then return err end
+    end
+
+    local now = now_ms()
+    local live = call('ZRANGEBYSCORE', key, exclusive(now), exclusive(LEASE_BASE),
+        'WITHSCORES', 'LIMIT', 0, limit)
+    local reply = {}
+    for i = 1, #live, 2 do
+        reply[#reply + 1] = live[i]
+        reply[#reply + 1] = tonumber(live[i + 1]) - now
+    end
+    return reply
+end
+
+--[[
+runs_reap: remove ended slots and ended waiters from KEY, one batch a call.
+  KEYS[1]  the limit key
+Returns the number of ended slots removed: at most 500, so call again while
+the reply is 500 to remove more. Waiters on KEY are told when any was removed.
+]]
+local function runs_reap(keys, args)
+    local err = check_arity('runs_reap', keys, args, {'KEY'}, {})
+    if err then return err end
+    local key = keys[1]
+
+    local now = now_ms()
+    local slots, waiters = remove_ended(key, now, REAP_BATCH)
+    if slots + waiters > 0 then
+        refresh_ttl(key, now)
+        notify_waiters(key)
+    end
+    return slots
+end
+
+--[[
+runs_version: the version of this library, 'MAJOR.MINOR.PATCH'. Read-only.
+]]
+local function runs_version(keys, args)
+    local err = check_arity('runs_version', keys, args, {}, {})
+    if err then return err end
+    return VERSION
+end
+
+redis.register_function{function_name = 'runs_acquire', callback = runs_acquire}
+redis.register_function{function_name = 'runs_wait', callback = runs_wait}
+-- Giving slots back must work when Redis is at maxmemory: allow-oom.
+redis.register_function{function_name = 'runs_release', callback = runs_release,
+    flags = {'allow-oom'}}
+redis.register_function{function_name = 'runs_extend', callback = runs_extend,
+    flags = {'allow-oom'}}
+redis.register_function{function_name = 'runs_reap', callback = runs_reap,
+    flags = {'allow-oom'}}
+redis.register_function{function_name = 'runs_count', callback = runs_count,
+    flags = {'no-writes'}}
+redis.register_function{function_name = 'runs_holders', callback = runs_holders,
+    flags = {'no-writes'}}
+redis.register_function{function_name = 'runs_version', callback = runs_version,
+    flags = {'no-writes'}}

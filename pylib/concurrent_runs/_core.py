@@ -1,0 +1,572 @@
+"""Everything the sync and asyncio limiters share: all but the I/O.
+
+Each operation is a generator that yields requests (call a function, load the
+library, subscribe, wait for a message, sleep) and receives their replies. The
+sync limiter performs requests with blocking calls, the asyncio limiter awaits
+them, and both feed the outcome back, or throw the exception raised, into the
+generator. So argument checks, retries, version checks, waiting in line and
+lease renewal are written once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Mapping, TypeVar, Union
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .errors import (
+    ConcurrentRunsError,
+    InvalidArgumentError,
+    LibraryError,
+    LibraryLoadError,
+    LibraryVersionError,
+    LimiterUnavailableError,
+)
+from .library import (
+    FN_ACQUIRE,
+    FN_COUNT,
+    FN_EXTEND,
+    FN_HOLDERS,
+    FN_RELEASE,
+    FN_VERSION,
+    FN_WAIT,
+    LIBRARY_NAME,
+    library_source,
+    packaged_version,
+    parse_version,
+)
+
+logger = logging.getLogger("concurrent_runs")
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_KEY_PREFIX = "concurrent_runs:"
+DEFAULT_SLOT_TIMEOUT_S = 300.0
+DEFAULT_SOCKET_TIMEOUT_S = 5.0
+
+MAX_SLOTS_LIMIT = 2**31 - 1
+MAX_TIMEOUT_MS = 2**40
+MAX_TOKEN_BYTES = 256
+TOKEN_BYTES = 16  # 128 random bits
+
+# A waiter's place in line lasts this long unless it calls again; the
+# fallback poll below renews it well before it ends.
+WAIT_LEASE_MS = 3000
+FALLBACK_POLL_S = 1.0
+# Renewal extends the lease when this fraction of slot_timeout has passed.
+RENEW_FRACTION = 1 / 3
+
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError)
+TRUE_WORDS = frozenset({"1", "true", "yes"})
+
+KeyT = Union[str, bytes]
+T = TypeVar("T")
+Operation = Generator["Request", Any, T]
+LostCallback = Callable[[KeyT, str], Any]
+
+
+# Requests that operations yield to the I/O layer ---------------------------
+
+
+@dataclass(frozen=True)
+class FunctionCall:
+    """FCALL (or FCALL_RO) of one library function; replies with its result."""
+
+    name: str
+    keys: tuple[KeyT, ...]
+    args: tuple[KeyT | int, ...]
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class LoadLibrary:
+    """FUNCTION LOAD of the packaged source; replies with the library name."""
+
+    source: str
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    """Subscribe to a sharded channel (SSUBSCRIBE) until the operation ends."""
+
+    channel: KeyT
+
+
+@dataclass(frozen=True)
+class WaitForMessage:
+    """Wait on the subscription; replies True on a message, False on timeout."""
+
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Pause; replies True when the caller asked the operation to stop."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class AwaitResult:
+    """Await a value that a user callback returned (asyncio only)."""
+
+    awaitable: Any
+
+
+Request = Union[FunctionCall, LoadLibrary, Subscribe, WaitForMessage, Sleep, AwaitResult]
+
+
+# Argument checks -------------------------------------------------------------
+
+
+def check_key(key: object) -> KeyT:
+    if not isinstance(key, (str, bytes)):
+        raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+    if len(key) == 0:
+        raise ValueError("key must not be empty")
+    return key
+
+
+def check_max_slots(max_slots: object) -> int:
+    if isinstance(max_slots, bool) or not isinstance(max_slots, int):
+        raise TypeError(f"max_slots must be an int, not {type(max_slots).__name__}")
+    if not 1 <= max_slots <= MAX_SLOTS_LIMIT:
+        raise ValueError(f"max_slots must be from 1 to {MAX_SLOTS_LIMIT}, got {max_slots}")
+    return max_slots
+
+
+def check_token(token: object) -> KeyT:
+    if not isinstance(token, (str, bytes)):
+        raise TypeError(f"token must be str or bytes, not {type(token).__name__}")
+    size = len(token.encode() if isinstance(token, str) else token)
+    if not 1 <= size <= MAX_TOKEN_BYTES:
+        raise ValueError(f"token must be 1 to {MAX_TOKEN_BYTES} bytes, got {size}")
+    return token
+
+
+def seconds_to_ms(seconds: object, name: str) -> int:
+    """Convert a duration in seconds to whole ms (rounded up), checking it."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(seconds).__name__}")
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
+    milliseconds = max(1, math.ceil(seconds * 1000))
+    if milliseconds > MAX_TIMEOUT_MS:
+        raise ValueError(f"{name} must be at most {MAX_TIMEOUT_MS // 1000} s, got {seconds!r}")
+    return milliseconds
+
+
+def check_wait(wait: object) -> float | None:
+    if wait is None:
+        return None
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)):
+        raise TypeError(f"wait must be a number of seconds or None, not {type(wait).__name__}")
+    if not (wait >= 0 and math.isfinite(wait)):
+        raise ValueError(f"wait must be zero or a positive number of seconds, got {wait!r}")
+    return float(wait)
+
+
+def new_token() -> str:
+    """Return a fresh unguessable token: 128 random bits as 32 hex digits."""
+    return secrets.token_hex(TOKEN_BYTES)
+
+
+def as_text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+# Settings from the environment ---------------------------------------------
+
+
+def redis_url_from_env(environ: Mapping[str, str]) -> str:
+    """Return CONCURRENT_RUNS_REDIS_URL, else REDIS_URL, else the local default."""
+    return (
+        environ.get("CONCURRENT_RUNS_REDIS_URL")
+        or environ.get("REDIS_URL")
+        or DEFAULT_REDIS_URL
+    )
+
+
+def limiter_settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return constructor arguments read from the CONCURRENT_RUNS_* variables."""
+    settings: dict[str, Any] = {"redis_url": redis_url_from_env(environ)}
+    timeout_text = environ.get("CONCURRENT_RUNS_SLOT_TIMEOUT")
+    if timeout_text:
+        try:
+            settings["slot_timeout"] = float(timeout_text)
+        except ValueError:
+            raise ValueError(
+                "CONCURRENT_RUNS_SLOT_TIMEOUT must be a number of seconds, "
+                f"got {timeout_text!r}"
+            ) from None
+    fail_open_text = environ.get("CONCURRENT_RUNS_FAIL_OPEN", "")
+    settings["fail_open"] = fail_open_text.strip().lower() in TRUE_WORDS
+    return settings
+
+
+def format_key(template: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> str:
+    """Fill a key template such as 'agent:{agent_id}' from a call's arguments."""
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    try:
+        return template.format(**bound.arguments)
+    except (KeyError, IndexError) as exc:
+        raise ValueError(
+            f"key template {template!r} names {exc} which is not an argument of "
+            f"{func.__qualname__}"
+        ) from None
+
+
+# Replies and errors ------------------------------------------------------------
+
+
+def is_function_missing(exc: ResponseError) -> bool:
+    return "function not found" in str(exc).lower()
+
+
+def translate_response_error(exc: ResponseError, call: FunctionCall) -> ConcurrentRunsError:
+    """Map an error reply from Redis to the matching package error."""
+    message = str(exc)
+    if message.startswith("invalid ") or message.startswith("wrong number of"):
+        return InvalidArgumentError(f"Redis rejected {call.name}: {message}")
+    if message.startswith("WRONGTYPE"):
+        return ConcurrentRunsError(
+            f"Could not run {call.name} on key {call.keys[0]!r}: the key holds "
+            "another type of value, not a concurrent_runs sorted set"
+        )
+    if is_function_missing(exc):
+        return LibraryError(
+            f"Could not run {call.name}: the server's {LIBRARY_NAME} library has no "
+            f"such function; run `concurrent-runs load` to upgrade it to "
+            f"{packaged_version()}"
+        )
+    return ConcurrentRunsError(f"Could not run {call.name}: Redis replied {message!r}")
+
+
+def check_compatible(installed: str, packaged: str) -> None:
+    """Raise LibraryVersionError unless both versions share a major version."""
+    try:
+        installed_major = parse_version(installed)[0]
+    except ValueError:
+        installed_major = -1
+    packaged_major = parse_version(packaged)[0]
+    if installed_major == packaged_major:
+        return
+    if installed_major < packaged_major:
+        remedy = "run `concurrent-runs load --force` to replace it"
+    else:
+        remedy = (
+            "upgrade the concurrent-runs package, or run `concurrent-runs load "
+            "--force` to downgrade the server"
+        )
+    raise LibraryVersionError(
+        installed,
+        packaged,
+        f"Could not use the {LIBRARY_NAME} library on the server: it is version "
+        f"{installed}, but this package has {packaged} and needs major version "
+        f"{packaged_major}; {remedy}",
+    )
+
+
+# The shared limiter logic --------------------------------------------------
+
+
+class LimiterCore:
+    """Settings and operations shared by the sync and asyncio limiters."""
+
+    def __init__(
+        self,
+        slot_timeout: float,
+        fail_open: bool,
+        key_prefix: KeyT,
+    ) -> None:
+        self.slot_timeout_ms = seconds_to_ms(slot_timeout, "slot_timeout")
+        self.slot_timeout = self.slot_timeout_ms / 1000
+        if not isinstance(key_prefix, (str, bytes)):
+            raise TypeError(f"key_prefix must be str or bytes, not {type(key_prefix).__name__}")
+        self.fail_open = bool(fail_open)
+        self.key_prefix = key_prefix
+        self.server_version: str | None = None
+
+    def redis_key(self, key: object) -> KeyT:
+        """Return the Redis key of a logical key: key_prefix + key."""
+        checked = check_key(key)
+        prefix = self.key_prefix
+        if isinstance(prefix, bytes) or isinstance(checked, bytes):
+            prefix_bytes = prefix.encode() if isinstance(prefix, str) else prefix
+            key_bytes = checked.encode() if isinstance(checked, str) else checked
+            return prefix_bytes + key_bytes
+        return prefix + checked
+
+    def timeout_ms(self, timeout: float | None) -> int:
+        if timeout is None:
+            return self.slot_timeout_ms
+        return seconds_to_ms(timeout, "timeout")
+
+    # Calls, with the library check and retries ----------------------------
+
+    def call_function(self, call: FunctionCall) -> Operation[Any]:
+        """Run one library function: check the library once, retry once.
+
+        The retry after a connection error repeats the same arguments, token
+        included, so an acquire that ran but lost its reply takes no second
+        slot. A server that has lost the library gets it loaded again.
+        """
+        if self.server_version is None:
+            yield from self.check_library()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return (yield call)
+            except CONNECTION_ERRORS as exc:
+                if attempt >= 2:
+                    raise LimiterUnavailableError(
+                        f"Could not run {call.name}: Redis is unreachable ({exc})"
+                    ) from exc
+                logger.debug("retrying %s after a connection error: %s", call.name, exc)
+            except ResponseError as exc:
+                if attempt >= 2 or not is_function_missing(exc):
+                    raise translate_response_error(exc, call) from exc
+                logger.info("%s is missing on the server; checking the library", call.name)
+                self.server_version = None
+                yield from self.check_library()
+
+    def check_library(self) -> Operation[str]:
+        """Read the server's library version, loading the library if it is missing."""
+        version_call = FunctionCall(FN_VERSION, (), (), read_only=True)
+        try:
+            installed = as_text((yield version_call))
+        except CONNECTION_ERRORS as exc:
+            raise LimiterUnavailableError(
+                f"Could not check the {LIBRARY_NAME} library: Redis is unreachable ({exc})"
+            ) from exc
+        except ResponseError as exc:
+            if not is_function_missing(exc):
+                raise translate_response_error(exc, version_call) from exc
+            installed = yield from self.load_library()
+        check_compatible(installed, packaged_version())
+        self.server_version = installed
+        return installed
+
+    def load_library(self) -> Operation[str]:
+        """Load the packaged library onto a server that has none."""
+        packaged = packaged_version()
+        try:
+            yield LoadLibrary(library_source())
+        except CONNECTION_ERRORS as exc:
+            raise LimiterUnavailableError(
+                f"Could not load the {LIBRARY_NAME} library: Redis is unreachable ({exc})"
+            ) from exc
+        except NoPermissionError as exc:
+            raise LibraryLoadError(
+                f"Could not load the {LIBRARY_NAME} library {packaged}: this Redis user "
+                "may not run FUNCTION LOAD; run `concurrent-runs load` as a deploy user"
+            ) from exc
+        except ResponseError as exc:
+            if "already exists" not in str(exc):
+                raise LibraryLoadError(
+                    f"Could not load the {LIBRARY_NAME} library {packaged}: {exc}"
+                ) from exc
+            # Another client loaded it between our check and our load.
+            version_call = FunctionCall(FN_VERSION, (), (), read_only=True)
+            return as_text((yield version_call))
+        logger.info("loaded the %s library %s onto the server", LIBRARY_NAME, packaged)
+        return packaged
+
+    # Operations -----------------------------------------------------------
+
+    def acquire(self, key: KeyT, max_slots: int, wait: float | None) -> Operation[str | None]:
+        """Acquire a slot: try once, or wait in line up to `wait` seconds."""
+        redis_key = self.redis_key(key)
+        check_max_slots(max_slots)
+        wait_s = check_wait(wait)
+        token = new_token()
+
+        try:
+            if wait_s:
+                granted = yield from self.wait_in_line(redis_key, max_slots, token, wait_s)
+            else:
+                acquire_call = FunctionCall(
+                    FN_ACQUIRE, (redis_key,), (max_slots, self.slot_timeout_ms, token)
+                )
+                granted = (yield from self.call_function(acquire_call)) == 1
+        except LimiterUnavailableError as exc:
+            if not self.fail_open:
+                raise
+            logger.warning(
+                "granting a slot of %r without Redis (fail_open is on): %s", key, exc
+            )
+            return token
+        except (Exception, GeneratorExit):
+            raise
+        except BaseException:
+            # Cancelled or interrupted: the last call may have granted a slot
+            # whose reply never arrived, so give back whatever the token holds.
+            yield from self.leave_line(redis_key, token)
+            raise
+        return token if granted else None
+
+    def wait_in_line(
+        self, redis_key: KeyT, max_slots: int, token: str, wait_s: float
+    ) -> Operation[bool]:
+        """Wait for a slot, woken by releases, first come first served.
+
+        Return True once TOKEN holds a slot, or False when `wait_s` ran out;
+        then TOKEN has left the line.
+        """
+        deadline = time.monotonic() + wait_s
+        wait_call = FunctionCall(
+            FN_WAIT, (redis_key,), (max_slots, self.slot_timeout_ms, token, WAIT_LEASE_MS)
+        )
+        subscribed: bool | None = None  # None until the first try to subscribe
+        while True:
+            granted, _ahead, next_end_ms = yield from self.call_function(wait_call)
+            if granted == 1:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                yield from self.leave_line(redis_key, token)
+                return False
+            if subscribed is None:
+                # Subscribe, then ask again at once: a release that came
+                # between the first call and the subscription is not missed.
+                subscribed = yield from self.subscribe(redis_key)
+                if subscribed:
+                    continue
+            pause = min(remaining, FALLBACK_POLL_S * random.uniform(0.5, 1.0))
+            if next_end_ms >= 0:
+                pause = min(pause, next_end_ms / 1000 + 0.002)
+            if subscribed:
+                yield WaitForMessage(pause)
+            else:
+                yield Sleep(pause)
+
+    def subscribe(self, channel: KeyT) -> Operation[bool]:
+        """Subscribe to a key's channel; return False when that failed."""
+        try:
+            yield Subscribe(channel)
+        except CONNECTION_ERRORS + (ResponseError,) as exc:
+            logger.warning("waiting on %r by polling: could not subscribe: %s", channel, exc)
+            return False
+        return True
+
+    def leave_line(self, redis_key: KeyT, token: str) -> Operation[None]:
+        """Release TOKEN's slot, if any, and its place in line; never raise."""
+        release_call = FunctionCall(FN_RELEASE, (redis_key,), (token,))
+        try:
+            yield from self.call_function(release_call)
+        except ConcurrentRunsError as exc:
+            logger.warning(
+                "could not leave the line of %r; the place ends with its lease: %s",
+                redis_key,
+                exc,
+            )
+
+    def release(self, key: KeyT, token: KeyT) -> Operation[bool]:
+        redis_key = self.redis_key(key)
+        check_token(token)
+        release_call = FunctionCall(FN_RELEASE, (redis_key,), (token,))
+        try:
+            freed = yield from self.call_function(release_call)
+        except LimiterUnavailableError as exc:
+            if not self.fail_open:
+                raise
+            logger.warning("could not release a slot of %r (fail_open is on): %s", key, exc)
+            return False
+        return freed == 1
+
+    def extend(self, key: KeyT, token: KeyT, timeout: float | None) -> Operation[bool]:
+        redis_key = self.redis_key(key)
+        check_token(token)
+        timeout_ms = self.timeout_ms(timeout)
+        extend_call = FunctionCall(FN_EXTEND, (redis_key,), (token, timeout_ms))
+        extended = yield from self.call_function(extend_call)
+        return extended == 1
+
+    def get_count(self, key: KeyT) -> Operation[int]:
+        redis_key = self.redis_key(key)
+        count_call = FunctionCall(FN_COUNT, (redis_key,), (), read_only=True)
+        count = yield from self.call_function(count_call)
+        return int(count)
+
+    def get_holders(self, key: KeyT) -> Operation[dict[str, float]]:
+        redis_key = self.redis_key(key)
+        holders_call = FunctionCall(FN_HOLDERS, (redis_key,), (), read_only=True)
+        flat = yield from self.call_function(holders_call)
+        return {as_text(flat[i]): int(flat[i + 1]) / 1000 for i in range(0, len(flat), 2)}
+
+    def keep_renewed(
+        self, key: KeyT, token: str, slot: "SlotState"
+    ) -> Operation[None]:
+        """Extend a slot's lease until told to stop, or until it is found lost.
+
+        A connection error is retried while the lease may still be live; once
+        the last confirmed lease end has passed the slot counts as lost.
+        """
+        interval_s = self.slot_timeout * RENEW_FRACTION
+        lease_end = time.monotonic() + self.slot_timeout
+        pause = interval_s
+        while True:
+            stop = yield Sleep(pause)
+            if stop:
+                return
+            started = time.monotonic()
+            try:
+                extended = yield from self.extend(key, token, None)
+            except LimiterUnavailableError as exc:
+                if time.monotonic() >= lease_end:
+                    yield from slot.mark_lost(f"Redis was unreachable until the lease ended: {exc}")
+                    return
+                logger.warning("could not renew a slot of %r, retrying: %s", key, exc)
+                pause = min(interval_s, max(0.05, (lease_end - time.monotonic()) / 3))
+                continue
+            except ConcurrentRunsError as exc:
+                yield from slot.mark_lost(f"renewal failed: {exc}")
+                return
+            if not extended:
+                yield from slot.mark_lost("the lease had ended or the slot was released")
+                return
+            lease_end = started + self.slot_timeout
+            pause = interval_s
+
+
+class SlotState:
+    """What a held slot knows: its key, token, and whether it was lost."""
+
+    def __init__(
+        self,
+        key: KeyT,
+        max_slots: int,
+        wait: float | None,
+        renew: bool,
+        on_lost: LostCallback | None,
+    ) -> None:
+        check_key(key)
+        check_max_slots(max_slots)
+        check_wait(wait)
+        if on_lost is not None and not callable(on_lost):
+            raise TypeError("on_lost must be a callable taking (key, token)")
+        self.key = key
+        self.max_slots = max_slots
+        self.wait = wait
+        self.renew = renew
+        self.on_lost = on_lost
+        self.token: str | None = None
+        self.lost = False
+
+    def mark_lost(self, reason: str) -> Operation[None]:
+        self.lost = True
+        logger.error("lost the slot %s of %r: %s", self.token, self.key, reason)
+        if self.on_lost is not None:
+            result = self.on_lost(self.key, self.token or "")
+            if inspect.isawaitable(result):
+                yield AwaitResult(result)
