@@ -118,6 +118,12 @@ local function count_live_waiters(key, now)
     return call('ZCOUNT', key, exclusive(LEASE_BASE + now), exclusive(ORDER_BASE))
 end
 
+-- Count the waiters' lease entries, live or ended: 0 means nobody is in line,
+-- and the calls below skip every step that concerns waiters.
+local function count_waiter_entries(key)
+    return call('ZCOUNT', key, inclusive(LEASE_BASE), exclusive(ORDER_BASE))
+end
+
 -- Return the score of TOKEN's slot, or nil when TOKEN holds no slot entry.
 -- A token that names a waiter entry gets an error: it was crafted to collide.
 local function slot_score(key, token)
@@ -132,24 +138,17 @@ local function slot_score(key, token)
     return score, nil
 end
 
--- Return the highest score in [low, high), or nil when there is none.
-local function max_score_below(key, low, high)
-    local top = call('ZREVRANGEBYSCORE', key, exclusive(high), inclusive(low),
-        'WITHSCORES', 'LIMIT', 0, 1)
-    if #top == 0 then
-        return nil
-    end
-    return tonumber(top[2])
-end
-
 -- Writes --------------------------------------------------------------------
 
--- Remove up to `limit` ended slots and up to `limit` ended waiters.
--- Return the number of ended slots removed and of ended waiters removed.
-local function remove_ended(key, now, limit)
+-- Remove up to `limit` ended slots and, when there are waiter entries, up to
+-- `limit` ended waiters. Return the numbers of slots and waiters removed.
+local function remove_ended(key, now, limit, waiter_entries)
     local slots = call('ZRANGEBYSCORE', key, '-inf', inclusive(now), 'LIMIT', 0, limit)
     if #slots > 0 then
         call('ZREM', key, unpack(slots))
+    end
+    if waiter_entries == 0 then
+        return #slots, 0
     end
 
     local leases = call('ZRANGEBYSCORE', key, inclusive(LEASE_BASE),
@@ -161,20 +160,14 @@ local function remove_ended(key, now, limit)
     return #slots, #leases
 end
 
--- Set KEY to expire when its longest lease ends, so that it never outlives
--- its leases and never lives without a TTL. A key left holding only ended
--- entries (more than one cleanup batch) expires at once.
-local function refresh_ttl(key, now)
-    local slot_end = max_score_below(key, 0, LEASE_BASE)
-    local waiter_end = max_score_below(key, LEASE_BASE, ORDER_BASE)
-    if waiter_end then
-        waiter_end = waiter_end - LEASE_BASE
-    end
-    local last_end = math.max(slot_end or 0, waiter_end or 0)
-    if last_end > now then
-        call('PEXPIREAT', key, inclusive(last_end))
-    elseif call('EXISTS', key) == 1 then
-        call('PEXPIRE', key, 1)
+-- Make KEY live at least until `lease_end`, so that it never expires before
+-- its longest lease and never lives without a TTL. The TTL is never
+-- shortened, so a key may outlive its last lease, holding only ended entries
+-- that never count, until the longest lease it ever had would have ended.
+local function keep_key_until(key, lease_end)
+    -- PEXPIRETIME replies -1 for a key without a TTL (new), -2 for no key.
+    if call('PEXPIRETIME', key) < lease_end then
+        call('PEXPIREAT', key, inclusive(lease_end))
     end
 end
 
@@ -215,23 +208,30 @@ end
 -- Grant TOKEN a slot if it may have one. Return 1 when granted (or renewed)
 -- or 0 when not, then an error reply or nil, then the number of live waiters
 -- ahead of TOKEN.
-local function try_acquire(key, max_slots, timeout_ms, token, now)
+local function try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
     local score, err = slot_score(key, token)
     if err then
         return nil, err, nil
     end
+    local lease_end = now + timeout_ms
     if score and score > now then
-        call('ZADD', key, inclusive(now + timeout_ms), token)
-        remove_waiter(key, token)
+        call('ZADD', key, inclusive(lease_end), token)
+        keep_key_until(key, lease_end)
         return 1, nil, 0
     end
 
-    local ahead = waiters_ahead(key, token, now)
+    local ahead, queued = 0, false
+    if waiter_entries > 0 then
+        ahead, queued = waiters_ahead(key, token, now)
+    end
     if count_live_slots(key, now) + ahead >= max_slots then
         return 0, nil, ahead
     end
-    call('ZADD', key, inclusive(now + timeout_ms), token)
-    remove_waiter(key, token)
+    call('ZADD', key, inclusive(lease_end), token)
+    if queued then
+        remove_waiter(key, token)
+    end
+    keep_key_until(key, lease_end)
     return 1, nil, 0
 end
 
@@ -262,13 +262,11 @@ local function runs_acquire(keys, args)
     if err then return err end
 
     local now = now_ms()
+    local waiter_entries = count_waiter_entries(key)
     local granted
-    granted, err = try_acquire(key, max_slots, timeout_ms, token, now)
+    granted, err = try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
     if err then return err end
-    remove_ended(key, now, CLEANUP_BATCH)
-    if granted == 1 then
-        refresh_ttl(key, now)
-    end
+    remove_ended(key, now, CLEANUP_BATCH, waiter_entries)
     return granted
 end
 
@@ -305,20 +303,20 @@ local function runs_wait(keys, args)
 
     local now = now_ms()
     -- Ended waiters go first, so that they do not stand in line ahead of TOKEN.
-    remove_ended(key, now, CLEANUP_BATCH)
+    local waiter_entries = count_waiter_entries(key)
+    local _, removed_waiters = remove_ended(key, now, CLEANUP_BATCH, waiter_entries)
+    waiter_entries = waiter_entries - removed_waiters
     local granted, ahead
-    granted, err, ahead = try_acquire(key, max_slots, timeout_ms, token, now)
+    granted, err, ahead = try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
     if err then return err end
     if granted == 1 then
-        refresh_ttl(key, now)
         return {1, 0, 0}
     end
 
-    local lease_member = WAITER_LEASE_PREFIX .. token
-    local order_member = WAITER_ORDER_PREFIX .. token
-    call('ZADD', key, inclusive(LEASE_BASE + now + wait_lease_ms), lease_member)
-    call('ZADD', key, 'NX', inclusive(ORDER_BASE + now), order_member)
-    refresh_ttl(key, now)
+    local wait_end = now + wait_lease_ms
+    call('ZADD', key, inclusive(LEASE_BASE + wait_end), WAITER_LEASE_PREFIX .. token)
+    call('ZADD', key, 'NX', inclusive(ORDER_BASE + now), WAITER_ORDER_PREFIX .. token)
+    keep_key_until(key, wait_end)
     return {0, ahead, ms_until_next_end(key, now)}
 end
 
@@ -349,9 +347,12 @@ local function runs_release(keys, args)
             freed = 1
         end
     end
-    local left_line = remove_waiter(key, token)
-    remove_ended(key, now, CLEANUP_BATCH)
-    refresh_ttl(key, now)
+    local waiter_entries = count_waiter_entries(key)
+    local left_line = 0
+    if waiter_entries > 0 then
+        left_line = remove_waiter(key, token)
+    end
+    remove_ended(key, now, CLEANUP_BATCH, waiter_entries)
     if freed == 1 or left_line > 0 then
         notify_waiters(key)
     end
@@ -384,12 +385,10 @@ local function runs_extend(keys, args)
     local extended = 0
     if score and score > now then
         call('ZADD', key, 'XX', inclusive(now + timeout_ms), token)
+        keep_key_until(key, now + timeout_ms)
         extended = 1
     end
-    local removed = remove_ended(key, now, CLEANUP_BATCH)
-    if extended == 1 or removed > 0 then
-        refresh_ttl(key, now)
-    end
+    remove_ended(key, now, CLEANUP_BATCH, count_waiter_entries(key))
     return extended
 end
 
@@ -451,9 +450,8 @@ local function runs_reap(keys, args)
     local key = keys[1]
 
     local now = now_ms()
-    local slots, waiters = remove_ended(key, now, REAP_BATCH)
+    local slots, waiters = remove_ended(key, now, REAP_BATCH, count_waiter_entries(key))
     if slots + waiters > 0 then
-        refresh_ttl(key, now)
         notify_waiters(key)
     end
     return slots
