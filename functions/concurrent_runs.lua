@@ -91,6 +91,10 @@ local function check_token(token)
             'ERR invalid TOKEN: must be at most %d bytes, got %d',
             MAX_TOKEN_BYTES, #token))
     end
+    if string.byte(token, 1) == 0 then
+        return redis.error_reply(
+            'ERR invalid TOKEN: must not start with a NUL byte (reserved for waiters)')
+    end
     return nil
 end
 
@@ -124,18 +128,11 @@ local function count_waiter_entries(key)
     return call('ZCOUNT', key, inclusive(LEASE_BASE), exclusive(ORDER_BASE))
 end
 
--- Return the score of TOKEN's slot, or nil when TOKEN holds no slot entry.
--- A token that names a waiter entry gets an error: it was crafted to collide.
+-- Return the lease end of TOKEN's slot, or nil when TOKEN holds no slot.
+-- Tokens never start with a NUL byte, so TOKEN never names a waiter entry.
 local function slot_score(key, token)
     local score = call('ZSCORE', key, token)
-    if not score then
-        return nil, nil
-    end
-    score = tonumber(score)
-    if score >= LEASE_BASE then
-        return nil, redis.error_reply('ERR invalid TOKEN: it names a waiter entry')
-    end
-    return score, nil
+    return score and tonumber(score)
 end
 
 -- Writes --------------------------------------------------------------------
@@ -165,8 +162,18 @@ end
 -- shortened, so a key may outlive its last lease, holding only ended entries
 -- that never count, until the longest lease it ever had would have ended.
 local function keep_key_until(key, lease_end)
-    -- PEXPIRETIME replies -1 for a key without a TTL (new), -2 for no key.
-    if call('PEXPIRETIME', key) < lease_end then
+    -- PEXPIRETIME replies -1 for a key without a TTL, -2 for no key.
+    local expire_at = call('PEXPIRETIME', key)
+    if expire_at == -1 then
+        -- A new key, or one written outside this library: its other leases
+        -- may end later than this one.
+        local last = call('ZREVRANGEBYSCORE', key, exclusive(LEASE_BASE), '-inf',
+            'WITHSCORES', 'LIMIT', 0, 1)
+        if #last > 0 then
+            lease_end = math.max(lease_end, tonumber(last[2]))
+        end
+    end
+    if expire_at < lease_end then
         call('PEXPIREAT', key, inclusive(lease_end))
     end
 end
@@ -206,18 +213,17 @@ local function ms_until_next_end(key, now)
 end
 
 -- Grant TOKEN a slot if it may have one. Return 1 when granted (or renewed)
--- or 0 when not, then an error reply or nil, then the number of live waiters
--- ahead of TOKEN.
+-- or 0 when not, and the number of live waiters ahead of TOKEN.
 local function try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
-    local score, err = slot_score(key, token)
-    if err then
-        return nil, err, nil
-    end
+    local score = slot_score(key, token)
     local lease_end = now + timeout_ms
     if score and score > now then
         call('ZADD', key, inclusive(lease_end), token)
+        if waiter_entries > 0 then
+            remove_waiter(key, token)
+        end
         keep_key_until(key, lease_end)
-        return 1, nil, 0
+        return 1, 0
     end
 
     local ahead, queued = 0, false
@@ -225,14 +231,14 @@ local function try_acquire(key, max_slots, timeout_ms, token, now, waiter_entrie
         ahead, queued = waiters_ahead(key, token, now)
     end
     if count_live_slots(key, now) + ahead >= max_slots then
-        return 0, nil, ahead
+        return 0, ahead
     end
     call('ZADD', key, inclusive(lease_end), token)
     if queued then
         remove_waiter(key, token)
     end
     keep_key_until(key, lease_end)
-    return 1, nil, 0
+    return 1, 0
 end
 
 -- Registered functions ------------------------------------------------------
@@ -263,9 +269,7 @@ local function runs_acquire(keys, args)
 
     local now = now_ms()
     local waiter_entries = count_waiter_entries(key)
-    local granted
-    granted, err = try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
-    if err then return err end
+    local granted = try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
     remove_ended(key, now, CLEANUP_BATCH, waiter_entries)
     return granted
 end
@@ -306,9 +310,7 @@ local function runs_wait(keys, args)
     local waiter_entries = count_waiter_entries(key)
     local _, removed_waiters = remove_ended(key, now, CLEANUP_BATCH, waiter_entries)
     waiter_entries = waiter_entries - removed_waiters
-    local granted, ahead
-    granted, err, ahead = try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
-    if err then return err end
+    local granted, ahead = try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
     if granted == 1 then
         return {1, 0, 0}
     end
@@ -337,9 +339,7 @@ local function runs_release(keys, args)
     if err then return err end
 
     local now = now_ms()
-    local score
-    score, err = slot_score(key, token)
-    if err then return err end
+    local score = slot_score(key, token)
     local freed = 0
     if score then
         call('ZREM', key, token)
@@ -379,9 +379,7 @@ local function runs_extend(keys, args)
     if err then return err end
 
     local now = now_ms()
-    local score
-    score, err = slot_score(key, token)
-    if err then return err end
+    local score = slot_score(key, token)
     local extended = 0
     if score and score > now then
         call('ZADD', key, 'XX', inclusive(now + timeout_ms), token)
