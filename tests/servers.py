@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 LOCALHOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0
@@ -79,12 +81,19 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             cwd=self.folder,
         )
-        self.wait_until_ready()
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_until_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(host=LOCALHOST, port=self.port, socket_timeout=1)
+        # No retries: redis-py's default retries an AuthenticationError for seconds.
+        client = redis.Redis(
+            host=LOCALHOST, port=self.port, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+        )
         try:
             while True:
                 if self.process is not None and self.process.poll() is not None:
@@ -96,6 +105,8 @@ class RedisServer:
                 try:
                     if client.ping():
                         return
+                except redis.AuthenticationError:
+                    return  # it answers, and wants a password (--requirepass)
                 except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
                     pass
                 if time.monotonic() > deadline:
