@@ -27,7 +27,7 @@ local ORDER_BASE = 2 ^ 47
 local MAX_TIMEOUT_MS = 2 ^ 40 -- about 34 years; keeps every score an exact integer
 local MAX_SLOTS_LIMIT = 2 ^ 31 - 1
 local MAX_TOKEN_BYTES = 256
-local CLEANUP_BATCH = 16 -- ended entries removed by each acquire, release or extend
+local CLEANUP_BATCH = 16 -- ended entries removed by a call that finds its key full
 local REAP_BATCH = 500 -- ended entries removed by one runs_reap call
 
 local WAITER_LEASE_PREFIX = '\0l'
@@ -137,14 +137,14 @@ end
 
 -- Writes --------------------------------------------------------------------
 
--- Remove up to `limit` ended slots and, when there are waiter entries, up to
+-- Remove up to `limit` ended slots and, when `with_waiters` is set, up to
 -- `limit` ended waiters. Return the numbers of slots and waiters removed.
-local function remove_ended(key, now, limit, waiter_entries)
+local function remove_ended(key, now, limit, with_waiters)
     local slots = call('ZRANGEBYSCORE', key, '-inf', inclusive(now), 'LIMIT', 0, limit)
     if #slots > 0 then
         call('ZREM', key, unpack(slots))
     end
-    if waiter_entries == 0 then
+    if not with_waiters then
         return #slots, 0
     end
 
@@ -158,22 +158,26 @@ local function remove_ended(key, now, limit, waiter_entries)
 end
 
 -- Make KEY live at least until `lease_end`, so that it never expires before
--- its longest lease and never lives without a TTL. The TTL is never
--- shortened, so a key may outlive its last lease, holding only ended entries
--- that never count, until the longest lease it ever had would have ended.
-local function keep_key_until(key, lease_end)
-    -- PEXPIRETIME replies -1 for a key without a TTL, -2 for no key.
-    local expire_at = call('PEXPIRETIME', key)
-    if expire_at == -1 then
-        -- A new key, or one written outside this library: its other leases
-        -- may end later than this one.
+-- its longest lease and never lives without a TTL. `is_new` says that KEY
+-- held nothing before this call. The TTL is never shortened, so a key may
+-- outlive its last lease, holding only ended entries that never count.
+local function keep_key_until(key, lease_end, is_new)
+    if is_new then
+        call('PEXPIREAT', key, inclusive(lease_end))
+        return
+    end
+    if call('PEXPIREAT', key, inclusive(lease_end), 'GT') == 1 then
+        return
+    end
+    -- GT leaves the TTL alone when it already lasts longer, and also when the
+    -- key has none (written outside this library): then its longest slot
+    -- sets it.
+    if call('PEXPIRETIME', key) == -1 then
         local last = call('ZREVRANGEBYSCORE', key, exclusive(LEASE_BASE), '-inf',
             'WITHSCORES', 'LIMIT', 0, 1)
         if #last > 0 then
             lease_end = math.max(lease_end, tonumber(last[2]))
         end
-    end
-    if expire_at < lease_end then
         call('PEXPIREAT', key, inclusive(lease_end))
     end
 end
@@ -182,16 +186,31 @@ local function remove_waiter(key, token)
     return call('ZREM', key, WAITER_LEASE_PREFIX .. token, WAITER_ORDER_PREFIX .. token)
 end
 
--- Tell waiters on KEY that a slot or a place in line may have come free.
--- The channel is sharded (SPUBLISH) and named like the key, so on a cluster
--- the message stays on the shard that owns the key.
-local function notify_waiters(key)
-    call('SPUBLISH', key, 'free')
+-- Wake the first live waiter in line: publish its token on the sharded
+-- channel named like KEY (SPUBLISH, so on a cluster the message stays on the
+-- shard that owns the key). Ended waiters met on the way are removed, at
+-- most CLEANUP_BATCH of them. Only the first in line is woken, because it is
+-- the only one that may take the slot; when it does and room is left, its
+-- own call wakes the next.
+local function wake_first_waiter(key, now)
+    for _ = 1, CLEANUP_BATCH do
+        local first = call('ZRANGEBYSCORE', key, inclusive(ORDER_BASE), '+inf', 'LIMIT', 0, 1)
+        if #first == 0 then
+            return
+        end
+        local token = string.sub(first[1], #WAITER_ORDER_PREFIX + 1)
+        local lease = call('ZSCORE', key, WAITER_LEASE_PREFIX .. token)
+        if lease and tonumber(lease) > LEASE_BASE + now then
+            call('SPUBLISH', key, token)
+            return
+        end
+        remove_waiter(key, token)
+    end
 end
 
--- Return how many live waiters stand ahead of TOKEN: all of them when TOKEN
--- is not in line. Ended waiters that are not removed yet may still be counted
--- here, which delays TOKEN but never grants a slot too many.
+-- Return how many live waiters stand ahead of TOKEN (all of them when TOKEN
+-- is not in line), and whether TOKEN is in line. Ended waiters not removed
+-- yet may be counted, which delays TOKEN but never grants a slot too many.
 local function waiters_ahead(key, token, now)
     local live = count_live_waiters(key, now)
     local rank = call('ZRANK', key, WAITER_ORDER_PREFIX .. token)
@@ -212,51 +231,77 @@ local function ms_until_next_end(key, now)
     return tonumber(first[2]) - now
 end
 
--- Grant TOKEN a slot if it may have one. Return 1 when granted (or renewed)
--- or 0 when not, and the number of live waiters ahead of TOKEN.
-local function try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
+-- Grant TOKEN a slot ending at `lease_end` if it may have one. `in_line`
+-- says that the caller waits in line, so a granted TOKEN leaves the line.
+-- Return 1 when granted (or renewed) or 0 when not, the number of live
+-- waiters ahead of TOKEN, and the live slots before the grant (nil when the
+-- quick check below granted it without counting them).
+local function try_acquire(key, max_slots, lease_end, token, now, in_line)
+    local size = call('ZCARD', key)
+    if size < max_slots then
+        -- ZCARD counts every entry, slots and waiters, live or ended, so a
+        -- key with fewer entries than MAX_SLOTS has room for TOKEN, and no
+        -- waiter can be passed: the common case costs no further lookups.
+        call('ZADD', key, inclusive(lease_end), token)
+        if in_line and size > 0 then
+            remove_waiter(key, token)
+        end
+        keep_key_until(key, lease_end, size == 0)
+        return 1, 0, nil
+    end
+
+    -- The key looks full: count exactly, removing a batch of ended entries.
+    local waiter_entries = count_waiter_entries(key)
+    remove_ended(key, now, CLEANUP_BATCH, waiter_entries > 0)
     local score = slot_score(key, token)
-    local lease_end = now + timeout_ms
     if score and score > now then
         call('ZADD', key, inclusive(lease_end), token)
         if waiter_entries > 0 then
             remove_waiter(key, token)
         end
-        keep_key_until(key, lease_end)
-        return 1, 0
+        keep_key_until(key, lease_end, false)
+        return 1, 0, nil
     end
 
     local ahead, queued = 0, false
     if waiter_entries > 0 then
         ahead, queued = waiters_ahead(key, token, now)
     end
-    if count_live_slots(key, now) + ahead >= max_slots then
-        return 0, ahead
+    local live = count_live_slots(key, now)
+    if live + ahead >= max_slots then
+        return 0, ahead, live
     end
     call('ZADD', key, inclusive(lease_end), token)
     if queued then
         remove_waiter(key, token)
     end
-    keep_key_until(key, lease_end)
-    return 1, 0
+    keep_key_until(key, lease_end, false)
+    return 1, 0, live
 end
 
 -- Registered functions ------------------------------------------------------
+
+local ONE_KEY = {'KEY'}
+local NO_KEYS = {}
+local NO_ARGS = {}
+local ACQUIRE_ARGS = {'MAX_SLOTS', 'TIMEOUT_MS', 'TOKEN'}
+local WAIT_ARGS = {'MAX_SLOTS', 'TIMEOUT_MS', 'TOKEN', 'WAIT_LEASE_MS'}
+local RELEASE_ARGS = {'TOKEN'}
+local EXTEND_ARGS = {'TOKEN', 'TIMEOUT_MS'}
 
 --[[
 runs_acquire: take a slot for TOKEN if KEY has a free one.
   KEYS[1]  the limit key (a sorted set)
   ARGV[1]  MAX_SLOTS   positive integer, at most 2^31-1
   ARGV[2]  TIMEOUT_MS  lease length in ms, positive, at most 2^40
-  ARGV[3]  TOKEN       1 to 256 bytes
+  ARGV[3]  TOKEN       1 to 256 bytes, not starting with a NUL byte
 Returns 1 when TOKEN holds a slot, 0 when every slot is taken or promised to
 waiters already in line. A TOKEN that holds a live slot keeps it with a fresh
 lease, so a retried acquire never takes a second slot.
 Errors: ERR naming the bad argument; nothing is changed.
 ]]
 local function runs_acquire(keys, args)
-    local err = check_arity('runs_acquire', keys, args, {'KEY'},
-        {'MAX_SLOTS', 'TIMEOUT_MS', 'TOKEN'})
+    local err = check_arity('runs_acquire', keys, args, ONE_KEY, ACQUIRE_ARGS)
     if err then return err end
     local key, token = keys[1], args[3]
     local max_slots, timeout_ms
@@ -268,10 +313,7 @@ local function runs_acquire(keys, args)
     if err then return err end
 
     local now = now_ms()
-    local waiter_entries = count_waiter_entries(key)
-    local granted = try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
-    remove_ended(key, now, CLEANUP_BATCH, waiter_entries)
-    return granted
+    return (try_acquire(key, max_slots, now + timeout_ms, token, now, false))
 end
 
 --[[
@@ -283,7 +325,9 @@ runs_wait: take a slot for TOKEN, or keep its place in the line of waiters.
   ARGV[4]  WAIT_LEASE_MS  how long the place in line lasts unless renewed by
                           calling again, ms, positive, at most 2^40
 Waiters are served in the order they first called (server time, then token).
-A waiter that stops calling loses its place when its wait lease ends.
+A waiter that stops calling loses its place when its wait lease ends. When a
+slot comes free, the first live waiter is woken by a message on the sharded
+channel named like KEY whose payload is its TOKEN.
 Returns a flat array {GRANTED, AHEAD, NEXT_END_MS}: GRANTED is 1 when TOKEN
 now holds a slot (then AHEAD and NEXT_END_MS are 0), else 0; AHEAD is the
 number of live waiters before TOKEN; NEXT_END_MS is the time until the soonest
@@ -291,8 +335,7 @@ live slot's lease ends, or -1 when no slot is held.
 Errors: ERR naming the bad argument; nothing is changed.
 ]]
 local function runs_wait(keys, args)
-    local err = check_arity('runs_wait', keys, args, {'KEY'},
-        {'MAX_SLOTS', 'TIMEOUT_MS', 'TOKEN', 'WAIT_LEASE_MS'})
+    local err = check_arity('runs_wait', keys, args, ONE_KEY, WAIT_ARGS)
     if err then return err end
     local key, token = keys[1], args[3]
     local max_slots, timeout_ms, wait_lease_ms
@@ -306,19 +349,18 @@ local function runs_wait(keys, args)
     if err then return err end
 
     local now = now_ms()
-    -- Ended waiters go first, so that they do not stand in line ahead of TOKEN.
-    local waiter_entries = count_waiter_entries(key)
-    local _, removed_waiters = remove_ended(key, now, CLEANUP_BATCH, waiter_entries)
-    waiter_entries = waiter_entries - removed_waiters
-    local granted, ahead = try_acquire(key, max_slots, timeout_ms, token, now, waiter_entries)
+    local granted, ahead, live = try_acquire(key, max_slots, now + timeout_ms, token, now, true)
     if granted == 1 then
+        if live and live + 1 < max_slots then
+            wake_first_waiter(key, now)
+        end
         return {1, 0, 0}
     end
 
     local wait_end = now + wait_lease_ms
     call('ZADD', key, inclusive(LEASE_BASE + wait_end), WAITER_LEASE_PREFIX .. token)
     call('ZADD', key, 'NX', inclusive(ORDER_BASE + now), WAITER_ORDER_PREFIX .. token)
-    keep_key_until(key, wait_end)
+    keep_key_until(key, wait_end, false)
     return {0, ahead, ms_until_next_end(key, now)}
 end
 
@@ -327,12 +369,12 @@ runs_release: free TOKEN's slot, and take TOKEN out of the line of waiters.
   KEYS[1]  the limit key
   ARGV[1]  TOKEN
 Returns 1 when TOKEN held a live slot, now freed; 0 when it held none or its
-lease had already ended. Waiters on KEY are told when a slot or a place in
-line came free.
+lease had already ended. When anything was removed, the first live waiter
+on KEY is woken (see runs_wait).
 Errors: ERR naming the bad argument; nothing is changed.
 ]]
 local function runs_release(keys, args)
-    local err = check_arity('runs_release', keys, args, {'KEY'}, {'TOKEN'})
+    local err = check_arity('runs_release', keys, args, ONE_KEY, RELEASE_ARGS)
     if err then return err end
     local key, token = keys[1], args[1]
     err = check_token(token)
@@ -340,23 +382,15 @@ local function runs_release(keys, args)
 
     local now = now_ms()
     local score = slot_score(key, token)
-    local freed = 0
-    if score then
-        call('ZREM', key, token)
-        if score > now then
-            freed = 1
-        end
+    local removed = call('ZREM', key, token,
+        WAITER_LEASE_PREFIX .. token, WAITER_ORDER_PREFIX .. token)
+    if removed > 0 then
+        wake_first_waiter(key, now)
     end
-    local waiter_entries = count_waiter_entries(key)
-    local left_line = 0
-    if waiter_entries > 0 then
-        left_line = remove_waiter(key, token)
+    if score and score > now then
+        return 1
     end
-    remove_ended(key, now, CLEANUP_BATCH, waiter_entries)
-    if freed == 1 or left_line > 0 then
-        notify_waiters(key)
-    end
-    return freed
+    return 0
 end
 
 --[[
@@ -369,7 +403,7 @@ live slot. An ended lease is never revived.
 Errors: ERR naming the bad argument; nothing is changed.
 ]]
 local function runs_extend(keys, args)
-    local err = check_arity('runs_extend', keys, args, {'KEY'}, {'TOKEN', 'TIMEOUT_MS'})
+    local err = check_arity('runs_extend', keys, args, ONE_KEY, EXTEND_ARGS)
     if err then return err end
     local key, token = keys[1], args[1]
     err = check_token(token)
@@ -380,14 +414,13 @@ local function runs_extend(keys, args)
 
     local now = now_ms()
     local score = slot_score(key, token)
-    local extended = 0
-    if score and score > now then
-        call('ZADD', key, 'XX', inclusive(now + timeout_ms), token)
-        keep_key_until(key, now + timeout_ms)
-        extended = 1
+    if not (score and score > now) then
+        return 0
     end
-    remove_ended(key, now, CLEANUP_BATCH, count_waiter_entries(key))
-    return extended
+    local lease_end = now + timeout_ms
+    call('ZADD', key, 'XX', inclusive(lease_end), token)
+    keep_key_until(key, lease_end, false)
+    return 1
 end
 
 --[[
@@ -396,7 +429,7 @@ runs_count: the number of live slots at KEY. Read-only (FCALL_RO, replicas).
 Returns an integer.
 ]]
 local function runs_count(keys, args)
-    local err = check_arity('runs_count', keys, args, {'KEY'}, {})
+    local err = check_arity('runs_count', keys, args, ONE_KEY, NO_ARGS)
     if err then return err end
     return count_live_slots(keys[1], now_ms())
 end
@@ -410,7 +443,7 @@ reply grows with the number of live slots.
 ]]
 local function runs_holders(keys, args)
     if #keys ~= 1 then
-        return check_arity('runs_holders', keys, {}, {'KEY'}, {})
+        return check_arity('runs_holders', keys, NO_ARGS, ONE_KEY, NO_ARGS)
     end
     if #args > 1 then
         return redis.error_reply(string.format(
@@ -440,17 +473,19 @@ end
 runs_reap: remove ended slots and ended waiters from KEY, one batch a call.
   KEYS[1]  the limit key
 Returns the number of ended slots removed: at most 500, so call again while
-the reply is 500 to remove more. Waiters on KEY are told when any was removed.
+the reply is 500 to remove more. When any entry was removed, the first live
+waiter on KEY is woken (see runs_wait).
 ]]
 local function runs_reap(keys, args)
-    local err = check_arity('runs_reap', keys, args, {'KEY'}, {})
+    local err = check_arity('runs_reap', keys, args, ONE_KEY, NO_ARGS)
     if err then return err end
     local key = keys[1]
 
     local now = now_ms()
-    local slots, waiters = remove_ended(key, now, REAP_BATCH, count_waiter_entries(key))
+    local with_waiters = count_waiter_entries(key) > 0
+    local slots, waiters = remove_ended(key, now, REAP_BATCH, with_waiters)
     if slots + waiters > 0 then
-        notify_waiters(key)
+        wake_first_waiter(key, now)
     end
     return slots
 end
@@ -459,7 +494,7 @@ end
 runs_version: the version of this library, 'MAJOR.MINOR.PATCH'. Read-only.
 ]]
 local function runs_version(keys, args)
-    local err = check_arity('runs_version', keys, args, {}, {})
+    local err = check_arity('runs_version', keys, args, NO_KEYS, NO_ARGS)
     if err then return err end
     return VERSION
 end

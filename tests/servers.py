@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,11 +31,21 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS server: its CA certificate, certificate and key."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
 class RedisServer:
     """One redis-server process in its own folder, persistence off by default.
 
     ``extra_args`` are passed to redis-server as ``--name value`` pairs, for
-    example ``["--appendonly", "yes"]``.
+    example ``["--appendonly", "yes"]``. With ``tls`` the server listens for
+    TLS only, on ``port``, and does not ask clients for certificates.
     """
 
     def __init__(
@@ -43,19 +54,22 @@ class RedisServer:
         port: int | None = None,
         extra_args: Sequence[str] = (),
         binary: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.extra_args = list(extra_args)
         self.binary = binary or redis_server_binary()
+        self.tls = tls
         if self.binary is None:
             raise RuntimeError("redis-server is not on PATH")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{LOCALHOST}:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{LOCALHOST}:{self.port}/0"
 
     @property
     def address(self) -> str:
@@ -63,9 +77,19 @@ class RedisServer:
 
     def command_line(self) -> list[str]:
         persistence = ["--save", "", "--appendonly", "no"]
+        listen = ["--port", str(self.port)]
+        if self.tls:
+            listen = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert),
+                "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca_cert),
+                "--tls-auth-clients", "no",
+            ]
         return [
             self.binary,
-            "--port", str(self.port),
+            *listen,
             "--bind", LOCALHOST,
             "--dir", str(self.folder),
             "--daemonize", "no",
@@ -91,9 +115,7 @@ class RedisServer:
     def wait_until_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         # No retries: redis-py's default retries an AuthenticationError for seconds.
-        client = redis.Redis(
-            host=LOCALHOST, port=self.port, socket_timeout=1, retry=Retry(NoBackoff(), 0)
-        )
+        client = self.client(socket_timeout=1, retry=Retry(NoBackoff(), 0))
         try:
             while True:
                 if self.process is not None and self.process.poll() is not None:
@@ -116,6 +138,8 @@ class RedisServer:
             client.close()
 
     def client(self, **options: object) -> redis.Redis:
+        if self.tls:
+            options = {"ssl": True, "ssl_ca_certs": str(self.tls.ca_cert), **options}
         return redis.Redis(host=LOCALHOST, port=self.port, **options)
 
     def signal(self, signum: int) -> None:

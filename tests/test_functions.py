@@ -813,32 +813,35 @@ def next_message(pubsub):
     return pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=5)
 
 
-def test_release_publishes_on_key_channel(loaded_client, key, channel):
-    acquire(loaded_client, key, "t1")
+def test_release_wakes_first_waiter_with_its_token(loaded_client, key, channel):
+    acquire(loaded_client, key, "holder")
+    wait_in_line(loaded_client, key, "w1")
+    wait_in_line(loaded_client, key, "w2")
 
-    release(loaded_client, key, "t1")
+    release(loaded_client, key, "holder")
 
     message = next_message(channel)
     assert message is not None
     assert message["channel"] == key.encode()
-    assert message["data"] == b"free"
+    assert message["data"] == b"w1"
 
 
-def test_release_of_waiting_token_publishes(loaded_client, key, channel):
+def test_release_of_waiting_token_wakes_next_waiter(loaded_client, key, channel):
     acquire(loaded_client, key, "holder")
     wait_in_line(loaded_client, key, "w1")
+    wait_in_line(loaded_client, key, "w2")
 
     release(loaded_client, key, "w1")
 
     message = next_message(channel)
     assert message is not None
-    assert message["data"] == b"free"
+    assert message["data"] == b"w2"
 
 
-def test_release_of_nothing_publishes_nothing(loaded_client, key, channel):
+def test_release_without_waiters_publishes_nothing(loaded_client, key, channel):
     acquire(loaded_client, key, "t1")
 
-    release(loaded_client, key, "stranger")
+    release(loaded_client, key, "t1")
     loaded_client.execute_command("SPUBLISH", key, "marker")
 
     # Messages arrive in order, so the marker comes first unless the release published.
@@ -847,14 +850,42 @@ def test_release_of_nothing_publishes_nothing(loaded_client, key, channel):
     assert message["data"] == b"marker"
 
 
-def test_reap_of_ended_slot_publishes(loaded_client, key, channel):
-    loaded_client.zadd(key, {"ended": 1_000})
-    acquire(loaded_client, key, "live", max_slots=5)
+def test_release_of_nothing_publishes_nothing(loaded_client, key, channel):
+    acquire(loaded_client, key, "t1")
+    wait_in_line(loaded_client, key, "w1")
 
-    # The acquire removed the ended slot itself; add another for reap to find.
-    loaded_client.zadd(key, {"ended-2": 1_000})
+    release(loaded_client, key, "stranger")
+    loaded_client.execute_command("SPUBLISH", key, "marker")
+
+    message = next_message(channel)
+    assert message is not None
+    assert message["data"] == b"marker"
+
+
+def test_reap_of_ended_slot_wakes_first_waiter(loaded_client, key, channel):
+    acquire(loaded_client, key, "holder")
+    wait_in_line(loaded_client, key, "w1")
+    loaded_client.zadd(key, {"ended": 1_000})
+
     assert reap(loaded_client, key) == 1
 
     message = next_message(channel)
     assert message is not None
-    assert message["data"] == b"free"
+    assert message["data"] == b"w1"
+
+
+def test_wait_grant_with_room_left_wakes_next_waiter(loaded_client, key, channel):
+    acquire(loaded_client, key, "h1", max_slots=2)
+    acquire(loaded_client, key, "h2", max_slots=2)
+    wait_in_line(loaded_client, key, "w1", max_slots=2)
+    wait_in_line(loaded_client, key, "w2", max_slots=2)
+    release(loaded_client, key, "h1")
+    release(loaded_client, key, "h2")
+    assert next_message(channel)["data"] == b"w1"
+    assert next_message(channel)["data"] == b"w1"
+
+    assert wait_in_line(loaded_client, key, "w1", max_slots=2)[0] == 1
+
+    message = next_message(channel)
+    assert message is not None
+    assert message["data"] == b"w2"

@@ -16,11 +16,13 @@ import math
 import random
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Mapping, TypeVar, Union
 
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import (
@@ -63,6 +65,12 @@ WAIT_LEASE_MS = 3000
 FALLBACK_POLL_S = 1.0
 # Renewal extends the lease when this fraction of slot_timeout has passed.
 RENEW_FRACTION = 1 / 3
+# Tokens kept for release after calls that failed on an unreachable Redis;
+# past this many the oldest are dropped and their slots end with their leases.
+MAX_UNCONFIRMED = 100
+# Loads of the library one call may make when it keeps vanishing from the
+# server (FUNCTION FLUSH run again and again) before the call gives up.
+MAX_LIBRARY_LOADS = 5
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError)
 TRUE_WORDS = frozenset({"1", "true", "yes"})
@@ -101,6 +109,11 @@ class Subscribe:
 
 
 @dataclass(frozen=True)
+class Unsubscribe:
+    """End the subscription of the operation; replies None."""
+
+
+@dataclass(frozen=True)
 class WaitForMessage:
     """Wait on the subscription; replies True on a message, False on timeout."""
 
@@ -121,7 +134,9 @@ class AwaitResult:
     awaitable: Any
 
 
-Request = Union[FunctionCall, LoadLibrary, Subscribe, WaitForMessage, Sleep, AwaitResult]
+Request = Union[
+    FunctionCall, LoadLibrary, Subscribe, Unsubscribe, WaitForMessage, Sleep, AwaitResult
+]
 
 
 # Argument checks -------------------------------------------------------------
@@ -132,6 +147,8 @@ def check_key(key: object) -> KeyT:
         raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
     if len(key) == 0:
         raise ValueError("key must not be empty")
+    if isinstance(key, str):
+        encoded_text(key, "key")
     return key
 
 
@@ -146,22 +163,33 @@ def check_max_slots(max_slots: object) -> int:
 def check_token(token: object) -> KeyT:
     if not isinstance(token, (str, bytes)):
         raise TypeError(f"token must be str or bytes, not {type(token).__name__}")
-    size = len(token.encode() if isinstance(token, str) else token)
-    if not 1 <= size <= MAX_TOKEN_BYTES:
-        raise ValueError(f"token must be 1 to {MAX_TOKEN_BYTES} bytes, got {size}")
+    encoded = encoded_text(token, "token") if isinstance(token, str) else token
+    if not 1 <= len(encoded) <= MAX_TOKEN_BYTES:
+        raise ValueError(f"token must be 1 to {MAX_TOKEN_BYTES} bytes, got {len(encoded)}")
+    if encoded[0] == 0:
+        raise ValueError("token must not start with a NUL byte (reserved for waiters)")
     return token
+
+
+def encoded_text(text: str, name: str) -> bytes:
+    """Return text as the UTF-8 bytes redis-py sends, or raise ValueError."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} must be encodable as UTF-8: {exc}") from None
 
 
 def seconds_to_ms(seconds: object, name: str) -> int:
     """Convert a duration in seconds to whole ms (rounded up), checking it."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(seconds).__name__}")
-    if not (seconds > 0 and math.isfinite(seconds)):
+    # Ints are checked without float conversion, which overflows past 1e308.
+    if not seconds > 0 or (isinstance(seconds, float) and not math.isfinite(seconds)):
         raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
-    milliseconds = max(1, math.ceil(seconds * 1000))
-    if milliseconds > MAX_TIMEOUT_MS:
+    scaled = seconds * 1000
+    if scaled > MAX_TIMEOUT_MS:
         raise ValueError(f"{name} must be at most {MAX_TIMEOUT_MS // 1000} s, got {seconds!r}")
-    return milliseconds
+    return max(1, math.ceil(scaled))
 
 
 def check_wait(wait: object) -> float | None:
@@ -169,9 +197,13 @@ def check_wait(wait: object) -> float | None:
         return None
     if isinstance(wait, bool) or not isinstance(wait, (int, float)):
         raise TypeError(f"wait must be a number of seconds or None, not {type(wait).__name__}")
-    if not (wait >= 0 and math.isfinite(wait)):
+    try:
+        wait_s = float(wait)
+    except OverflowError:
+        wait_s = math.inf
+    if not (wait_s >= 0 and math.isfinite(wait_s)):
         raise ValueError(f"wait must be zero or a positive number of seconds, got {wait!r}")
-    return float(wait)
+    return wait_s
 
 
 def new_token() -> str:
@@ -242,6 +274,12 @@ def translate_response_error(exc: ResponseError, call: FunctionCall) -> Concurre
             f"Could not run {call.name} on key {call.keys[0]!r}: the key holds "
             "another type of value, not a concurrent_runs sorted set"
         )
+    if isinstance(exc, OutOfMemoryError):
+        return ConcurrentRunsError(
+            f"Could not run {call.name}: Redis is out of memory (used memory is above "
+            "maxmemory and the policy evicts nothing). Releases, extends and reaps "
+            "still work; free memory or raise maxmemory to take new slots"
+        )
     if is_function_missing(exc):
         return LibraryError(
             f"Could not run {call.name}: the server's {LIBRARY_NAME} library has no "
@@ -249,6 +287,18 @@ def translate_response_error(exc: ResponseError, call: FunctionCall) -> Concurre
             f"{packaged_version()}"
         )
     return ConcurrentRunsError(f"Could not run {call.name}: Redis replied {message!r}")
+
+
+def login_error(action: str, exc: AuthenticationError) -> ConcurrentRunsError:
+    """Return the error for a login that Redis rejected.
+
+    A rejected login is a configuration mistake, not an outage, so it is no
+    LimiterUnavailableError and fail_open never grants slots through it.
+    """
+    return ConcurrentRunsError(
+        f"Could not {action}: Redis rejected the login ({exc}); check the user "
+        "name and password in the Redis URL or client"
+    )
 
 
 def check_compatible(installed: str, packaged: str) -> None:
@@ -295,6 +345,8 @@ class LimiterCore:
         self.fail_open = bool(fail_open)
         self.key_prefix = key_prefix
         self.server_version: str | None = None
+        # (redis_key, token) of calls whose outcome on the server is unknown.
+        self.unconfirmed: deque[tuple[KeyT, KeyT]] = deque(maxlen=MAX_UNCONFIRMED)
 
     def redis_key(self, key: object) -> KeyT:
         """Return the Redis key of a logical key: key_prefix + key."""
@@ -323,10 +375,14 @@ class LimiterCore:
         if self.server_version is None:
             yield from self.check_library()
         attempt = 0
+        loads = 0
+        installed = None
         while True:
             attempt += 1
             try:
                 return (yield call)
+            except AuthenticationError as exc:
+                raise login_error(f"run {call.name}", exc) from exc
             except CONNECTION_ERRORS as exc:
                 if attempt >= 2:
                     raise LimiterUnavailableError(
@@ -334,17 +390,29 @@ class LimiterCore:
                     ) from exc
                 logger.debug("retrying %s after a connection error: %s", call.name, exc)
             except ResponseError as exc:
-                if attempt >= 2 or not is_function_missing(exc):
+                if not is_function_missing(exc):
                     raise translate_response_error(exc, call) from exc
+                if loads > 0 and installed != packaged_version():
+                    # The server kept another version, one without this function.
+                    raise translate_response_error(exc, call) from exc
+                if loads >= MAX_LIBRARY_LOADS:
+                    raise LibraryError(
+                        f"Could not run {call.name}: the {LIBRARY_NAME} library vanished "
+                        f"from the server again after each of {loads} loads; check what "
+                        "runs FUNCTION FLUSH or FUNCTION DELETE there"
+                    ) from exc
+                loads += 1
                 logger.info("%s is missing on the server; checking the library", call.name)
                 self.server_version = None
-                yield from self.check_library()
+                installed = yield from self.check_library()
 
     def check_library(self) -> Operation[str]:
         """Read the server's library version, loading the library if it is missing."""
         version_call = FunctionCall(FN_VERSION, (), (), read_only=True)
         try:
             installed = as_text((yield version_call))
+        except AuthenticationError as exc:
+            raise login_error(f"check the {LIBRARY_NAME} library", exc) from exc
         except CONNECTION_ERRORS as exc:
             raise LimiterUnavailableError(
                 f"Could not check the {LIBRARY_NAME} library: Redis is unreachable ({exc})"
@@ -358,29 +426,53 @@ class LimiterCore:
         return installed
 
     def load_library(self) -> Operation[str]:
-        """Load the packaged library onto a server that has none."""
+        """Load the packaged library onto a server that has none.
+
+        Another client may load the library, or flush it again, between any
+        two calls, so a load that finds the library present reads its version
+        and a version call that finds it gone loads again.
+        """
         packaged = packaged_version()
-        try:
-            yield LoadLibrary(library_source())
-        except CONNECTION_ERRORS as exc:
-            raise LimiterUnavailableError(
-                f"Could not load the {LIBRARY_NAME} library: Redis is unreachable ({exc})"
-            ) from exc
-        except NoPermissionError as exc:
-            raise LibraryLoadError(
-                f"Could not load the {LIBRARY_NAME} library {packaged}: this Redis user "
-                "may not run FUNCTION LOAD; run `concurrent-runs load` as a deploy user"
-            ) from exc
-        except ResponseError as exc:
-            if "already exists" not in str(exc):
-                raise LibraryLoadError(
-                    f"Could not load the {LIBRARY_NAME} library {packaged}: {exc}"
+        version_call = FunctionCall(FN_VERSION, (), (), read_only=True)
+        for _ in range(MAX_LIBRARY_LOADS):
+            try:
+                yield LoadLibrary(library_source())
+            except AuthenticationError as exc:
+                raise login_error(f"load the {LIBRARY_NAME} library", exc) from exc
+            except CONNECTION_ERRORS as exc:
+                raise LimiterUnavailableError(
+                    f"Could not load the {LIBRARY_NAME} library: Redis is unreachable ({exc})"
                 ) from exc
+            except NoPermissionError as exc:
+                raise LibraryLoadError(
+                    f"Could not load the {LIBRARY_NAME} library {packaged}: this Redis user "
+                    "may not run FUNCTION LOAD; run `concurrent-runs load` as a deploy user"
+                ) from exc
+            except ResponseError as exc:
+                if "already exists" not in str(exc):
+                    raise LibraryLoadError(
+                        f"Could not load the {LIBRARY_NAME} library {packaged}: {exc}"
+                    ) from exc
+            else:
+                logger.info("loaded the %s library %s onto the server", LIBRARY_NAME, packaged)
+                return packaged
             # Another client loaded it between our check and our load.
-            version_call = FunctionCall(FN_VERSION, (), (), read_only=True)
-            return as_text((yield version_call))
-        logger.info("loaded the %s library %s onto the server", LIBRARY_NAME, packaged)
-        return packaged
+            try:
+                return as_text((yield version_call))
+            except AuthenticationError as exc:
+                raise login_error(f"check the {LIBRARY_NAME} library", exc) from exc
+            except CONNECTION_ERRORS as exc:
+                raise LimiterUnavailableError(
+                    f"Could not check the {LIBRARY_NAME} library: Redis is unreachable ({exc})"
+                ) from exc
+            except ResponseError as exc:
+                if not is_function_missing(exc):
+                    raise translate_response_error(exc, version_call) from exc
+        raise LibraryLoadError(
+            f"Could not load the {LIBRARY_NAME} library {packaged}: it vanished from the "
+            f"server again after each of {MAX_LIBRARY_LOADS} tries; check what runs "
+            "FUNCTION FLUSH or FUNCTION DELETE there"
+        )
 
     # Operations -----------------------------------------------------------
 
@@ -391,7 +483,11 @@ class LimiterCore:
         wait_s = check_wait(wait)
         token = new_token()
 
+        attempted = False
         try:
+            yield from self.release_unconfirmed()
+            # From here on the token may reach Redis even if the call fails.
+            attempted = True
             if wait_s:
                 granted = yield from self.wait_in_line(redis_key, max_slots, token, wait_s)
             else:
@@ -400,6 +496,8 @@ class LimiterCore:
                 )
                 granted = (yield from self.call_function(acquire_call)) == 1
         except LimiterUnavailableError as exc:
+            if attempted:
+                self.unconfirmed.append((redis_key, token))
             if not self.fail_open:
                 raise
             logger.warning(
@@ -431,6 +529,11 @@ class LimiterCore:
         while True:
             granted, _ahead, next_end_ms = yield from self.call_function(wait_call)
             if granted == 1:
+                if subscribed:
+                    # Ended here rather than after the operation, so that a
+                    # cancel during it still reaches acquire, which then gives
+                    # the slot back.
+                    yield Unsubscribe()
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -465,11 +568,43 @@ class LimiterCore:
         try:
             yield from self.call_function(release_call)
         except ConcurrentRunsError as exc:
+            if isinstance(exc, LimiterUnavailableError):
+                self.unconfirmed.append((redis_key, token))
             logger.warning(
                 "could not leave the line of %r; the place ends with its lease: %s",
                 redis_key,
                 exc,
             )
+
+    def release_unconfirmed(self) -> Operation[None]:
+        """Release the tokens of failed calls that may still have taken effect.
+
+        A server that was frozen or cut off runs the commands it had received
+        once it recovers, so an acquire that raised LimiterUnavailableError can
+        still take a slot that its caller never learned of, and a release that
+        raised may not have run. Releasing those tokens before the next acquire
+        frees such slots as soon as Redis answers again, instead of when their
+        leases end. Raise LimiterUnavailableError while Redis is still away.
+        """
+        while self.unconfirmed:
+            try:
+                redis_key, token = self.unconfirmed.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            release_call = FunctionCall(FN_RELEASE, (redis_key,), (token,))
+            try:
+                yield from self.call_function(release_call)
+            except LimiterUnavailableError:
+                self.unconfirmed.appendleft((redis_key, token))
+                raise
+            except ConcurrentRunsError as exc:
+                logger.warning(
+                    "could not release slot %s of %r after a failed call; it frees "
+                    "itself when its lease ends: %s",
+                    token,
+                    redis_key,
+                    exc,
+                )
 
     def release(self, key: KeyT, token: KeyT) -> Operation[bool]:
         redis_key = self.redis_key(key)
@@ -478,6 +613,7 @@ class LimiterCore:
         try:
             freed = yield from self.call_function(release_call)
         except LimiterUnavailableError as exc:
+            self.unconfirmed.append((redis_key, token))
             if not self.fail_open:
                 raise
             logger.warning("could not release a slot of %r (fail_open is on): %s", key, exc)
@@ -566,7 +702,14 @@ class SlotState:
     def mark_lost(self, reason: str) -> Operation[None]:
         self.lost = True
         logger.error("lost the slot %s of %r: %s", self.token, self.key, reason)
-        if self.on_lost is not None:
+        if self.on_lost is None:
+            return
+        # The callback runs in the renewal thread or task, where an exception
+        # would end the renewal unseen (sync) or replace the block's own
+        # exception at exit (asyncio), so it is logged instead.
+        try:
             result = self.on_lost(self.key, self.token or "")
             if inspect.isawaitable(result):
                 yield AwaitResult(result)
+        except Exception:
+            logger.exception("on_lost failed for the slot %s of %r", self.token, self.key)

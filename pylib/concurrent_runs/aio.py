@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.asyncio.retry
+from redis.exceptions import ResponseError
 
 from . import _core
 from ._core import (
@@ -29,20 +30,30 @@ from ._core import (
     Sleep,
     SlotState,
     Subscribe,
+    Unsubscribe,
     WaitForMessage,
 )
-from .client import client_options, cluster_from_env
+from .client import (
+    check_read_from_replicas,
+    client_options,
+    cluster_from_env,
+    merge_cluster_versions,
+    replica_read_options,
+)
 from .errors import LimiterUnavailableError, SlotLimitReachedError
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def _cancel_pending() -> bool:
-    """Return True when the current task has been asked to cancel."""
+def _cancel_requests() -> int:
+    """Return how many cancels of the current task are pending.
+
+    Always 0 before Python 3.11, whose tasks do not count cancel requests.
+    """
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
-    return bool(cancelling and cancelling())
+    return cancelling() if cancelling else 0
 
 
 class _Session:
@@ -72,16 +83,22 @@ class AsyncConcurrentRunsLimiter:
         key_prefix: KeyT = DEFAULT_KEY_PREFIX,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_S,
         cluster: bool | None = None,
+        read_from_replicas: bool = False,
     ) -> None:
         self._core = LimiterCore(slot_timeout, fail_open, key_prefix)
+        use_cluster = cluster if cluster is not None else cluster_from_env()
+        if read_from_replicas:
+            check_read_from_replicas(client, use_cluster)
         if client is None:
             url = redis_url or _core.redis_url_from_env(os.environ)
             options = client_options(socket_timeout, redis.asyncio.retry.Retry)
-            if cluster if cluster is not None else cluster_from_env():
+            if use_cluster:
+                options.update(replica_read_options(read_from_replicas))
                 client = redis.asyncio.cluster.RedisCluster.from_url(url, **options)
             else:
                 client = redis.asyncio.Redis.from_url(url, **options)
         self.client = client
+        self._is_cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
 
     @property
     def slot_timeout(self) -> float:
@@ -171,6 +188,7 @@ class AsyncConcurrentRunsLimiter:
         its clean-up run shielded, so that a second cancel cannot cut them off.
         """
         session = _Session(stop)
+        cancels_before = _cancel_requests()
         reply: Any = None
         error: BaseException | None = None
         try:
@@ -191,13 +209,23 @@ class AsyncConcurrentRunsLimiter:
                 except BaseException as exc:
                     # redis.asyncio's pool can turn a cancel that arrives while
                     # a task waits for a connection into a ConnectionError.
-                    if _cancel_pending() and not session.aborting:
+                    if _cancel_requests() > cancels_before and not session.aborting:
                         session.aborting = True
                         error = asyncio.CancelledError()
                     else:
                         error = exc
+                else:
+                    # redis.asyncio can also finish a call normally and drop a
+                    # cancel that came meanwhile, because asyncio.wait_for before
+                    # Python 3.12 returns a result that is ready.
+                    if _cancel_requests() > cancels_before and not session.aborting:
+                        session.aborting = True
+                        error = asyncio.CancelledError()
         finally:
-            await asyncio.shield(session.close())
+            # Awaited only when there is something to close, because a cancel
+            # that came during the await would drop the operation's result.
+            if session.pubsub is not None:
+                await asyncio.shield(session.close())
 
     async def _perform_guarded(self, request: Request, session: _Session) -> Any:
         if not session.aborting:
@@ -211,6 +239,10 @@ class AsyncConcurrentRunsLimiter:
                     return task.result()
 
     async def _perform(self, request: Request, session: _Session) -> Any:
+        if self._is_cluster and isinstance(request, LoadLibrary):
+            return await self._load_on_every_primary(request.source)
+        if self._is_cluster and isinstance(request, FunctionCall) and not request.keys:
+            return await self._read_version_of_every_primary(request)
         if isinstance(request, FunctionCall):
             call = self.client.fcall_ro if request.read_only else self.client.fcall
             return await call(request.name, len(request.keys), *request.keys, *request.args)
@@ -219,6 +251,9 @@ class AsyncConcurrentRunsLimiter:
         if isinstance(request, Subscribe):
             session.pubsub = self.client.pubsub()
             await session.pubsub.ssubscribe(request.channel)
+            return None
+        if isinstance(request, Unsubscribe):
+            await session.close()
             return None
         if isinstance(request, WaitForMessage):
             return await self._wait_for_message(session.pubsub, request.timeout_s)
@@ -234,6 +269,50 @@ class AsyncConcurrentRunsLimiter:
         if isinstance(request, AwaitResult):
             return await request.awaitable
         raise TypeError(f"unknown request {request!r}")
+
+    async def _load_on_every_primary(self, source: str) -> Any:
+        """Load the library on each primary of the cluster that lacks it.
+
+        Raise the "already exists" error only when every primary had it.
+        redis-py's asyncio FUNCTION LOAD goes to every primary at once but
+        raises the first error in place of the other replies, so the load goes
+        to one node at a time, as in the sync limiter.
+        """
+        # The cluster client learns its nodes on its first command.
+        await self.client.initialize()
+        loaded = None
+        already_exists = None
+        for node in self.client.get_primaries():
+            try:
+                loaded = await self.client.execute_command(
+                    "FUNCTION LOAD", source, target_nodes=node
+                )
+            except ResponseError as exc:
+                if "already exists" not in str(exc):
+                    raise
+                already_exists = exc
+        if loaded is None and already_exists is not None:
+            raise already_exists
+        return loaded
+
+    async def _read_version_of_every_primary(self, request: FunctionCall) -> Any:
+        """Run the keyless runs_version on each primary and merge the replies."""
+        await self.client.initialize()
+        command = "FCALL_RO" if request.read_only else "FCALL"
+        replies = []
+        missing = None
+        for node in self.client.get_primaries():
+            try:
+                replies.append(
+                    await self.client.execute_command(
+                        command, request.name, 0, *request.args, target_nodes=node
+                    )
+                )
+            except ResponseError as exc:
+                if not _core.is_function_missing(exc):
+                    raise
+                missing = exc
+        return merge_cluster_versions(replies, missing)
 
     @staticmethod
     async def _wait_for_message(pubsub: Any, timeout_s: float) -> bool:
@@ -283,9 +362,19 @@ class AsyncSlot(SlotState):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        # Shielded, so that a task cancelled inside the block still gives its
-        # slot back before the cancellation goes on.
-        await asyncio.shield(self._give_back())
+        # Shielded and awaited to its end, so that a task cancelled inside the
+        # block, even again and again, gives its slot back before the
+        # cancellation goes on.
+        giving_back = asyncio.ensure_future(self._give_back())
+        cancelled = False
+        while not giving_back.done():
+            try:
+                await asyncio.shield(giving_back)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        giving_back.result()
 
     async def _give_back(self) -> None:
         self._stop.set()

@@ -10,7 +10,9 @@ from types import TracebackType
 from typing import Any, Callable, TypeVar
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+import redis.cluster
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 from redis.retry import Retry
 
 from . import _core
@@ -29,9 +31,11 @@ from ._core import (
     Sleep,
     SlotState,
     Subscribe,
+    Unsubscribe,
     WaitForMessage,
 )
 from .errors import LimiterUnavailableError, SlotLimitReachedError
+from .library import packaged_version, parse_version
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,18 +44,74 @@ F = TypeVar("F", bound=Callable[..., Any])
 def client_options(socket_timeout: float, retry_class: type = Retry) -> dict[str, Any]:
     """Return redis-py client settings that bound how long any call can hang.
 
-    redis-py's default retries ten times; two tries at most keep a call that
-    meets a dead server within about twice the socket timeout.
+    redis-py's default retries ten times. The limiter retries a failed call
+    once itself, with the same arguments, so redis-py is told not to: a call
+    that meets a dead server returns within about twice the socket timeout.
     """
     return {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_timeout,
-        "retry": retry_class(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 1),
+        "retry": retry_class(NoBackoff(), 0),
     }
 
 
 def cluster_from_env() -> bool:
     return os.environ.get("CONCURRENT_RUNS_CLUSTER", "").strip().lower() in _core.TRUE_WORDS
+
+
+def replica_read_options(read_from_replicas: bool) -> dict[str, Any]:
+    """Return RedisCluster settings that send read-only commands to replicas.
+
+    redis-py routes FCALL_RO by its key and, with a load balancing strategy
+    set, to a replica of the key's shard. A shard without replicas serves the
+    read from its primary.
+    """
+    if not read_from_replicas:
+        return {}
+    try:
+        from redis.cluster import LoadBalancingStrategy
+    except ImportError:
+        # NOTE: redis-py before 5.1 has no LoadBalancingStrategy; its
+        # read_from_replicas flag spreads reads over the primary and replicas.
+        return {"read_from_replicas": True}
+    return {"load_balancing_strategy": LoadBalancingStrategy.ROUND_ROBIN_REPLICAS}
+
+
+def check_read_from_replicas(client: Any, cluster: bool) -> None:
+    """Raise ValueError where read_from_replicas cannot take effect."""
+    if client is not None:
+        raise ValueError(
+            "read_from_replicas applies only to a client the limiter builds; "
+            "set load_balancing_strategy on the RedisCluster you pass instead"
+        )
+    if not cluster:
+        raise ValueError("read_from_replicas needs a Redis Cluster: pass cluster=True")
+
+
+def merge_cluster_versions(replies: list[Any], missing: ResponseError | None) -> Any:
+    """Return the library version that represents every primary of a cluster.
+
+    Each primary has its own copy of the library. An unreadable version, or
+    one of another major version than the packaged library, is returned first
+    so that the version check fails. Otherwise ``missing``, the error of a
+    primary without the library, is raised so that the library gets loaded.
+    Else the lowest version is returned.
+    """
+    packaged_major = parse_version(packaged_version())[0]
+
+    def rank(reply: Any) -> tuple:
+        try:
+            version = parse_version(_core.as_text(reply))
+        except ValueError:
+            return (0,)
+        return (1 if version[0] != packaged_major else 2, version)
+
+    worst = min(replies, key=rank, default=None)
+    if worst is not None and rank(worst)[0] < 2:
+        return worst
+    if missing is not None:
+        raise missing
+    return worst
 
 
 class _Session:
@@ -77,7 +137,9 @@ class ConcurrentRunsLimiter:
     With ``fail_open`` on, an unreachable Redis grants slots instead of raising.
     ``socket_timeout`` (seconds) bounds each Redis call of a client built here.
     ``cluster`` builds a Redis Cluster client; it defaults to
-    CONCURRENT_RUNS_CLUSTER.
+    CONCURRENT_RUNS_CLUSTER. With ``read_from_replicas`` that cluster client
+    sends get_count and get_holders to replicas, which may lag behind their
+    primary by the replication delay.
     """
 
     def __init__(
@@ -90,16 +152,22 @@ class ConcurrentRunsLimiter:
         key_prefix: KeyT = DEFAULT_KEY_PREFIX,
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT_S,
         cluster: bool | None = None,
+        read_from_replicas: bool = False,
     ) -> None:
         self._core = LimiterCore(slot_timeout, fail_open, key_prefix)
+        use_cluster = cluster if cluster is not None else cluster_from_env()
+        if read_from_replicas:
+            check_read_from_replicas(client, use_cluster)
         if client is None:
             url = redis_url or _core.redis_url_from_env(os.environ)
             options = client_options(socket_timeout)
-            if cluster if cluster is not None else cluster_from_env():
+            if use_cluster:
+                options.update(replica_read_options(read_from_replicas))
                 client = redis.cluster.RedisCluster.from_url(url, **options)
             else:
                 client = redis.Redis.from_url(url, **options)
         self.client = client
+        self._is_cluster = isinstance(client, redis.cluster.RedisCluster)
 
     @property
     def slot_timeout(self) -> float:
@@ -220,6 +288,10 @@ class ConcurrentRunsLimiter:
             session.close()
 
     def _perform(self, request: Request, session: _Session) -> Any:
+        if self._is_cluster and isinstance(request, LoadLibrary):
+            return self._load_on_every_primary(request.source)
+        if self._is_cluster and isinstance(request, FunctionCall) and not request.keys:
+            return self._read_version_of_every_primary(request)
         if isinstance(request, FunctionCall):
             call = self.client.fcall_ro if request.read_only else self.client.fcall
             return call(request.name, len(request.keys), *request.keys, *request.args)
@@ -228,6 +300,9 @@ class ConcurrentRunsLimiter:
         if isinstance(request, Subscribe):
             session.pubsub = self.client.pubsub()
             session.pubsub.ssubscribe(request.channel)
+            return None
+        if isinstance(request, Unsubscribe):
+            session.close()
             return None
         if isinstance(request, WaitForMessage):
             return self._wait_for_message(session.pubsub, request.timeout_s)
@@ -239,6 +314,47 @@ class ConcurrentRunsLimiter:
         if isinstance(request, AwaitResult):
             raise TypeError("on_lost returned an awaitable; the sync limiter cannot await it")
         raise TypeError(f"unknown request {request!r}")
+
+    def _load_on_every_primary(self, source: str) -> Any:
+        """Load the library on each primary of the cluster that lacks it.
+
+        Raise the "already exists" error only when every primary had it.
+        redis-py's own FUNCTION LOAD goes to every primary but stops at the
+        first error, so a primary that has the library would keep it from the
+        primaries after it. Hence the load goes to one node at a time.
+        """
+        loaded = None
+        already_exists = None
+        for node in self.client.get_primaries():
+            try:
+                loaded = self.client.execute_command(
+                    "FUNCTION LOAD", source, target_nodes=node
+                )
+            except ResponseError as exc:
+                if "already exists" not in str(exc):
+                    raise
+                already_exists = exc
+        if loaded is None and already_exists is not None:
+            raise already_exists
+        return loaded
+
+    def _read_version_of_every_primary(self, request: FunctionCall) -> Any:
+        """Run the keyless runs_version on each primary and merge the replies."""
+        command = "FCALL_RO" if request.read_only else "FCALL"
+        replies = []
+        missing = None
+        for node in self.client.get_primaries():
+            try:
+                replies.append(
+                    self.client.execute_command(
+                        command, request.name, 0, *request.args, target_nodes=node
+                    )
+                )
+            except ResponseError as exc:
+                if not _core.is_function_missing(exc):
+                    raise
+                missing = exc
+        return merge_cluster_versions(replies, missing)
 
     @staticmethod
     def _wait_for_message(pubsub: Any, timeout_s: float) -> bool:

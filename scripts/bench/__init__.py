@@ -1,0 +1,1 @@
+"""Parts of the benchmark that scripts/benchmark.py runs."""
