@@ -103,9 +103,14 @@ class LoadLibrary:
 
 @dataclass(frozen=True)
 class Subscribe:
-    """Subscribe to a sharded channel (SSUBSCRIBE) until the operation ends."""
+    """Wait for wake-ups of ``token`` on a sharded channel until the operation ends.
+
+    Replies True when the subscription was already active, False when it has
+    just been made (a message sent before it may have been missed).
+    """
 
     channel: KeyT
+    token: KeyT
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ class Unsubscribe:
 
 @dataclass(frozen=True)
 class WaitForMessage:
-    """Wait on the subscription; replies True on a message, False on timeout."""
+    """Wait for a wake-up of the subscribed token; replies True, or False on timeout."""
 
     timeout_s: float
 
@@ -540,10 +545,11 @@ class LimiterCore:
                 yield from self.leave_line(redis_key, token)
                 return False
             if subscribed is None:
-                # Subscribe, then ask again at once: a release that came
-                # between the first call and the subscription is not missed.
-                subscribed = yield from self.subscribe(redis_key)
-                if subscribed:
+                # A subscription made just now may have missed a wake-up sent
+                # after the first call, so ask again at once.
+                already_active = yield from self.subscribe(redis_key, token)
+                subscribed = already_active is not None
+                if subscribed and not already_active:
                     continue
             pause = min(remaining, FALLBACK_POLL_S * random.uniform(0.5, 1.0))
             if next_end_ms >= 0:
@@ -553,14 +559,15 @@ class LimiterCore:
             else:
                 yield Sleep(pause)
 
-    def subscribe(self, channel: KeyT) -> Operation[bool]:
-        """Subscribe to a key's channel; return False when that failed."""
+    def subscribe(self, channel: KeyT, token: KeyT) -> Operation[bool | None]:
+        """Subscribe to wake-ups of TOKEN; return whether the subscription was
+        already active, or None when it failed (the waiter then polls)."""
         try:
-            yield Subscribe(channel)
+            already_active = yield Subscribe(channel, token)
         except CONNECTION_ERRORS + (ResponseError,) as exc:
             logger.warning("waiting on %r by polling: could not subscribe: %s", channel, exc)
-            return False
-        return True
+            return None
+        return bool(already_active)
 
     def leave_line(self, redis_key: KeyT, token: str) -> Operation[None]:
         """Release TOKEN's slot, if any, and its place in line; never raise."""

@@ -40,6 +40,7 @@ from .client import (
     merge_cluster_versions,
     replica_read_options,
 )
+from ._wakeups import AsyncWakeups, as_bytes, async_wait_flag
 from .errors import LimiterUnavailableError, SlotLimitReachedError
 
 T = TypeVar("T")
@@ -57,14 +58,52 @@ def _cancel_requests() -> int:
 
 
 class _Session:
-    """The I/O state of one running operation: its subscription and stop flag."""
+    """The I/O state of one running operation: its subscription and stop flag.
 
-    def __init__(self, stop: asyncio.Event | None) -> None:
+    As in the sync limiter, a waiter on a single server registers with the
+    limiter's shared subscription, and on a cluster it subscribes on its own.
+    """
+
+    def __init__(self, stop: asyncio.Event | None, wakeups: AsyncWakeups | None) -> None:
         self.stop = stop
+        self.wakeups = wakeups
+        self.channel: KeyT | None = None
+        self.token: KeyT | None = None
+        self.flag: asyncio.Event | None = None
         self.pubsub: Any = None
         self.aborting = False
 
+    @property
+    def subscribed(self) -> bool:
+        return self.flag is not None or self.pubsub is not None
+
+    async def subscribe(self, client: Any, channel: KeyT, token: KeyT) -> bool:
+        self.channel, self.token = channel, token
+        if self.wakeups is not None:
+            self.flag, already_active = await self.wakeups.register(channel, token)
+            return already_active
+        self.pubsub = client.pubsub()
+        await self.pubsub.ssubscribe(channel)
+        return False
+
+    async def wait_for_wakeup(self, timeout_s: float) -> bool:
+        if self.flag is not None:
+            return await async_wait_flag(self.flag, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            message = await self.pubsub.get_sharded_message(
+                ignore_subscribe_messages=True, timeout=remaining
+            )
+            if message is not None and as_bytes(message["data"]) == as_bytes(self.token):
+                return True
+
     async def close(self) -> None:
+        if self.flag is not None and self.wakeups is not None:
+            self.flag = None
+            await self.wakeups.unregister(self.channel, self.token)
         if self.pubsub is not None:
             pubsub, self.pubsub = self.pubsub, None
             await pubsub.aclose()
@@ -99,6 +138,7 @@ class AsyncConcurrentRunsLimiter:
                 client = redis.asyncio.Redis.from_url(url, **options)
         self.client = client
         self._is_cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
+        self._wakeups = None if self._is_cluster else AsyncWakeups(client, socket_timeout)
 
     @property
     def slot_timeout(self) -> float:
@@ -171,6 +211,8 @@ class AsyncConcurrentRunsLimiter:
 
     async def close(self) -> None:
         """Close the Redis client's connections."""
+        if self._wakeups is not None:
+            await self._wakeups.close()
         await self.client.aclose()
 
     async def __aenter__(self) -> AsyncConcurrentRunsLimiter:
@@ -187,7 +229,7 @@ class AsyncConcurrentRunsLimiter:
         Once a cancellation has been thrown into the operation, the requests of
         its clean-up run shielded, so that a second cancel cannot cut them off.
         """
-        session = _Session(stop)
+        session = _Session(stop, self._wakeups)
         cancels_before = _cancel_requests()
         reply: Any = None
         error: BaseException | None = None
@@ -224,7 +266,7 @@ class AsyncConcurrentRunsLimiter:
         finally:
             # Awaited only when there is something to close, because a cancel
             # that came during the await would drop the operation's result.
-            if session.pubsub is not None:
+            if session.subscribed:
                 await asyncio.shield(session.close())
 
     async def _perform_guarded(self, request: Request, session: _Session) -> Any:
@@ -249,14 +291,12 @@ class AsyncConcurrentRunsLimiter:
         if isinstance(request, LoadLibrary):
             return await self.client.function_load(request.source)
         if isinstance(request, Subscribe):
-            session.pubsub = self.client.pubsub()
-            await session.pubsub.ssubscribe(request.channel)
-            return None
+            return await session.subscribe(self.client, request.channel, request.token)
         if isinstance(request, Unsubscribe):
             await session.close()
             return None
         if isinstance(request, WaitForMessage):
-            return await self._wait_for_message(session.pubsub, request.timeout_s)
+            return await session.wait_for_wakeup(request.timeout_s)
         if isinstance(request, Sleep):
             if session.stop is None:
                 await asyncio.sleep(request.seconds)
@@ -313,19 +353,6 @@ class AsyncConcurrentRunsLimiter:
                     raise
                 missing = exc
         return merge_cluster_versions(replies, missing)
-
-    @staticmethod
-    async def _wait_for_message(pubsub: Any, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            message = await pubsub.get_sharded_message(
-                ignore_subscribe_messages=True, timeout=remaining
-            )
-            if message is not None:
-                return True
 
 
 class AsyncSlot(SlotState):

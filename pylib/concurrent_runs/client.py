@@ -34,6 +34,7 @@ from ._core import (
     Unsubscribe,
     WaitForMessage,
 )
+from ._wakeups import Wakeups, as_bytes, wait_flag
 from .errors import LimiterUnavailableError, SlotLimitReachedError
 from .library import packaged_version, parse_version
 
@@ -115,13 +116,48 @@ def merge_cluster_versions(replies: list[Any], missing: ResponseError | None) ->
 
 
 class _Session:
-    """The I/O state of one running operation: its subscription and stop flag."""
+    """The I/O state of one running operation: its subscription and stop flag.
 
-    def __init__(self, stop: threading.Event | None) -> None:
+    A waiter on a single server registers with the limiter's shared
+    subscription (``wakeups``); on a cluster it subscribes on its own
+    (``pubsub``) and reads the messages for its ``token``.
+    """
+
+    def __init__(self, stop: threading.Event | None, wakeups: Wakeups | None) -> None:
         self.stop = stop
+        self.wakeups = wakeups
+        self.channel: KeyT | None = None
+        self.token: KeyT | None = None
+        self.flag: threading.Event | None = None
         self.pubsub: Any = None
 
+    def subscribe(self, client: Any, channel: KeyT, token: KeyT) -> bool:
+        self.channel, self.token = channel, token
+        if self.wakeups is not None:
+            self.flag, already_active = self.wakeups.register(channel, token)
+            return already_active
+        self.pubsub = client.pubsub()
+        self.pubsub.ssubscribe(channel)
+        return False
+
+    def wait_for_wakeup(self, timeout_s: float) -> bool:
+        if self.flag is not None:
+            return wait_flag(self.flag, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            message = self.pubsub.get_sharded_message(
+                ignore_subscribe_messages=True, timeout=remaining
+            )
+            if message is not None and as_bytes(message["data"]) == as_bytes(self.token):
+                return True
+
     def close(self) -> None:
+        if self.flag is not None and self.wakeups is not None:
+            self.flag = None
+            self.wakeups.unregister(self.channel, self.token)
         if self.pubsub is not None:
             self.pubsub.close()
             self.pubsub = None
@@ -168,6 +204,7 @@ class ConcurrentRunsLimiter:
                 client = redis.Redis.from_url(url, **options)
         self.client = client
         self._is_cluster = isinstance(client, redis.cluster.RedisCluster)
+        self._wakeups = None if self._is_cluster else Wakeups(client, socket_timeout)
 
     @property
     def slot_timeout(self) -> float:
@@ -255,6 +292,8 @@ class ConcurrentRunsLimiter:
 
     def close(self) -> None:
         """Close the Redis client's connections."""
+        if self._wakeups is not None:
+            self._wakeups.close()
         self.client.close()
 
     def __enter__(self) -> ConcurrentRunsLimiter:
@@ -267,7 +306,7 @@ class ConcurrentRunsLimiter:
 
     def _run(self, operation: Operation[T], stop: threading.Event | None = None) -> T:
         """Drive an operation: perform each request it yields, send back the result."""
-        session = _Session(stop)
+        session = _Session(stop, self._wakeups)
         reply: Any = None
         error: BaseException | None = None
         try:
@@ -298,14 +337,12 @@ class ConcurrentRunsLimiter:
         if isinstance(request, LoadLibrary):
             return self.client.function_load(request.source)
         if isinstance(request, Subscribe):
-            session.pubsub = self.client.pubsub()
-            session.pubsub.ssubscribe(request.channel)
-            return None
+            return session.subscribe(self.client, request.channel, request.token)
         if isinstance(request, Unsubscribe):
             session.close()
             return None
         if isinstance(request, WaitForMessage):
-            return self._wait_for_message(session.pubsub, request.timeout_s)
+            return session.wait_for_wakeup(request.timeout_s)
         if isinstance(request, Sleep):
             if session.stop is None:
                 time.sleep(request.seconds)
@@ -355,19 +392,6 @@ class ConcurrentRunsLimiter:
                     raise
                 missing = exc
         return merge_cluster_versions(replies, missing)
-
-    @staticmethod
-    def _wait_for_message(pubsub: Any, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            message = pubsub.get_sharded_message(
-                ignore_subscribe_messages=True, timeout=remaining
-            )
-            if message is not None:
-                return True
 
 
 class Slot(SlotState):
