@@ -33,11 +33,12 @@ local REAP_BATCH = 500 -- ended entries removed by one runs_reap call
 local WAITER_LEASE_PREFIX = '\0l'
 local WAITER_ORDER_PREFIX = '\0q'
 
--- redis.call is only reachable while a function runs, not while the library
--- loads, so the alias looks it up on each call.
-local function call(...)
-    return redis.call(...)
-end
+-- redis.call and string.format, bound by `registered` each time a library
+-- function starts, because the globals are not reachable while the library
+-- loads. Upvalues are cheaper to reach than globals on every command.
+local call
+local format
+local match
 
 -- Argument checks -----------------------------------------------------------
 
@@ -54,12 +55,12 @@ end
 
 local function check_arity(name, keys, args, key_names, arg_names)
     if #keys ~= #key_names then
-        return redis.error_reply(string.format(
+        return redis.error_reply(format(
             'ERR wrong number of keys for %s: expected %d (%s), got %d',
             name, #key_names, table.concat(key_names, ' '), #keys))
     end
     if #args ~= #arg_names then
-        return redis.error_reply(string.format(
+        return redis.error_reply(format(
             'ERR wrong number of arguments for %s: expected %d (%s), got %d',
             name, #arg_names, table.concat(arg_names, ' '), #args))
     end
@@ -68,15 +69,14 @@ end
 
 -- Parse a decimal integer in 1..maximum; digits only, so '1.5', '1e3', ' 7'
 -- and '-1' are all rejected rather than silently rounded.
-local function parse_positive_int(value, arg_name, maximum)
-    local text = tostring(value)
-    if #text > 16 or not string.match(text, '^[1-9]%d*$') then
-        return nil, redis.error_reply(string.format(
+local function parse_positive_int(text, arg_name, maximum)
+    if #text > 16 or not match(text, '^[1-9]%d*$') then
+        return nil, redis.error_reply(format(
             'ERR invalid %s %s: must be a positive integer', arg_name, quote(text)))
     end
     local number = tonumber(text)
     if number > maximum then
-        return nil, redis.error_reply(string.format(
+        return nil, redis.error_reply(format(
             'ERR invalid %s %s: must be at most %d', arg_name, quote(text), maximum))
     end
     return number, nil
@@ -87,7 +87,7 @@ local function check_token(token)
         return redis.error_reply('ERR invalid TOKEN: must not be empty')
     end
     if #token > MAX_TOKEN_BYTES then
-        return redis.error_reply(string.format(
+        return redis.error_reply(format(
             'ERR invalid TOKEN: must be at most %d bytes, got %d',
             MAX_TOKEN_BYTES, #token))
     end
@@ -102,16 +102,17 @@ end
 
 local function now_ms()
     local time = call('TIME')
-    return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local micros = tonumber(time[2])
+    return tonumber(time[1]) * 1000 + (micros - micros % 1000) / 1000
 end
 
 -- Score bounds as ZRANGEBYSCORE arguments; '(' makes a bound exclusive.
 local function exclusive(score)
-    return '(' .. string.format('%d', score)
+    return '(' .. format('%d', score)
 end
 
 local function inclusive(score)
-    return string.format('%d', score)
+    return format('%d', score)
 end
 
 local function count_live_slots(key, now)
@@ -446,7 +447,7 @@ local function runs_holders(keys, args)
         return check_arity('runs_holders', keys, NO_ARGS, ONE_KEY, NO_ARGS)
     end
     if #args > 1 then
-        return redis.error_reply(string.format(
+        return redis.error_reply(format(
             'ERR wrong number of arguments for runs_holders: expected 0 or 1 (LIMIT), got %d',
             #args))
     end
@@ -499,18 +500,28 @@ local function runs_version(keys, args)
     return VERSION
 end
 
-redis.register_function{function_name = 'runs_acquire', callback = runs_acquire}
-redis.register_function{function_name = 'runs_wait', callback = runs_wait}
+-- Wrap a library function so that it binds `call` before it runs.
+local function registered(callback)
+    return function(keys, args)
+        call = redis.call
+        format = string.format
+        match = string.match
+        return callback(keys, args)
+    end
+end
+
+redis.register_function{function_name = 'runs_acquire', callback = registered(runs_acquire)}
+redis.register_function{function_name = 'runs_wait', callback = registered(runs_wait)}
 -- Giving slots back must work when Redis is at maxmemory: allow-oom.
-redis.register_function{function_name = 'runs_release', callback = runs_release,
+redis.register_function{function_name = 'runs_release', callback = registered(runs_release),
     flags = {'allow-oom'}}
-redis.register_function{function_name = 'runs_extend', callback = runs_extend,
+redis.register_function{function_name = 'runs_extend', callback = registered(runs_extend),
     flags = {'allow-oom'}}
-redis.register_function{function_name = 'runs_reap', callback = runs_reap,
+redis.register_function{function_name = 'runs_reap', callback = registered(runs_reap),
     flags = {'allow-oom'}}
-redis.register_function{function_name = 'runs_count', callback = runs_count,
+redis.register_function{function_name = 'runs_count', callback = registered(runs_count),
     flags = {'no-writes'}}
-redis.register_function{function_name = 'runs_holders', callback = runs_holders,
+redis.register_function{function_name = 'runs_holders', callback = registered(runs_holders),
     flags = {'no-writes'}}
-redis.register_function{function_name = 'runs_version', callback = runs_version,
+redis.register_function{function_name = 'runs_version', callback = registered(runs_version),
     flags = {'no-writes'}}

@@ -490,7 +490,8 @@ class LimiterCore:
 
         attempted = False
         try:
-            yield from self.release_unconfirmed()
+            if self.unconfirmed:
+                yield from self.release_unconfirmed()
             # From here on the token may reach Redis even if the call fails.
             attempted = True
             if wait_s:
