@@ -135,6 +135,13 @@ def test_app_acl_data_commands_match_library_calls():
     assert data_commands == library_calls
 
 
+def test_readme_acl_lines_match_tested_ones():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+    assert APP_ACL_SETUSER.format(password="APP_PASSWORD") in readme
+    assert DEPLOY_ACL_SETUSER.format(password="DEPLOY_PASSWORD") in readme
+
+
 def test_app_acl_grants_no_admin_commands():
     granted = allowed_commands(APP_ACL_SETUSER)
 
