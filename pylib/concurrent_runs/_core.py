@@ -413,9 +413,18 @@ class LimiterCore:
 
     def check_library(self) -> Operation[str]:
         """Read the server's library version, loading the library if it is missing."""
+        installed = yield from self.read_version()
+        if installed is None:
+            installed = yield from self.load_library()
+        check_compatible(installed, packaged_version())
+        self.server_version = installed
+        return installed
+
+    def read_version(self) -> Operation[str | None]:
+        """Return the server's library version, or None when it has no library."""
         version_call = FunctionCall(FN_VERSION, (), (), read_only=True)
         try:
-            installed = as_text((yield version_call))
+            return as_text((yield version_call))
         except AuthenticationError as exc:
             raise login_error(f"check the {LIBRARY_NAME} library", exc) from exc
         except CONNECTION_ERRORS as exc:
@@ -425,10 +434,7 @@ class LimiterCore:
         except ResponseError as exc:
             if not is_function_missing(exc):
                 raise translate_response_error(exc, version_call) from exc
-            installed = yield from self.load_library()
-        check_compatible(installed, packaged_version())
-        self.server_version = installed
-        return installed
+            return None
 
     def load_library(self) -> Operation[str]:
         """Load the packaged library onto a server that has none.
@@ -438,7 +444,6 @@ class LimiterCore:
         and a version call that finds it gone loads again.
         """
         packaged = packaged_version()
-        version_call = FunctionCall(FN_VERSION, (), (), read_only=True)
         for _ in range(MAX_LIBRARY_LOADS):
             try:
                 yield LoadLibrary(library_source())
@@ -462,17 +467,9 @@ class LimiterCore:
                 logger.info("loaded the %s library %s onto the server", LIBRARY_NAME, packaged)
                 return packaged
             # Another client loaded it between our check and our load.
-            try:
-                return as_text((yield version_call))
-            except AuthenticationError as exc:
-                raise login_error(f"check the {LIBRARY_NAME} library", exc) from exc
-            except CONNECTION_ERRORS as exc:
-                raise LimiterUnavailableError(
-                    f"Could not check the {LIBRARY_NAME} library: Redis is unreachable ({exc})"
-                ) from exc
-            except ResponseError as exc:
-                if not is_function_missing(exc):
-                    raise translate_response_error(exc, version_call) from exc
+            installed = yield from self.read_version()
+            if installed is not None:
+                return installed
         raise LibraryLoadError(
             f"Could not load the {LIBRARY_NAME} library {packaged}: it vanished from the "
             f"server again after each of {MAX_LIBRARY_LOADS} tries; check what runs "
