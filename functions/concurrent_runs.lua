@@ -159,7 +159,7 @@ local function remove_ended(key, now, limit, with_waiters)
 end
 
 -- Make KEY live at least until `lease_end`, so that it never expires before
--- its longest lease and never lives without a TTL. `is_new` says that KEY
+-- its longest lease and never lives without a TTL. `is_new` is true when KEY
 -- held nothing before this call. The TTL is never shortened, so a key may
 -- outlive its last lease, holding only ended entries that never count.
 local function keep_key_until(key, lease_end, is_new)
@@ -233,7 +233,7 @@ local function ms_until_next_end(key, now)
 end
 
 -- Grant TOKEN a slot ending at `lease_end` if it may have one. `in_line`
--- says that the caller waits in line, so a granted TOKEN leaves the line.
+-- is true when the caller waits in line, so a granted TOKEN leaves the line.
 -- Return 1 when granted (or renewed) or 0 when not, the number of live
 -- waiters ahead of TOKEN, and the live slots before the grant (nil when the
 -- quick check below granted it without counting them).

@@ -568,7 +568,7 @@ class LimiterCore:
         return bool(already_active)
 
     def leave_line(self, redis_key: KeyT, token: str) -> Operation[None]:
-        """Release TOKEN's slot, if any, and its place in line; never raise."""
+        """Release TOKEN's slot, if any, and its place in line; log a failure instead of raising it."""
         release_call = FunctionCall(FN_RELEASE, (redis_key,), (token,))
         try:
             yield from self.call_function(release_call)
@@ -648,7 +648,7 @@ class LimiterCore:
     def keep_renewed(
         self, key: KeyT, token: str, slot: "SlotState"
     ) -> Operation[None]:
-        """Extend a slot's lease until told to stop, or until it is found lost.
+        """Extend a slot's lease until the stop flag is set, or until it is found lost.
 
         A connection error is retried while the lease may still be live; once
         the last confirmed lease end has passed the slot counts as lost.
@@ -681,7 +681,7 @@ class LimiterCore:
 
 
 class SlotState:
-    """What a held slot knows: its key, token, and whether it was lost."""
+    """The state of a held slot: its key, its token, and whether it was lost."""
 
     def __init__(
         self,
