@@ -53,16 +53,24 @@ local function quote(value)
     return "'" .. cut .. "'"
 end
 
+-- Describe an expected list of names for an error reply: '1 (KEY)' or '0'.
+local function expected(names)
+    if #names == 0 then
+        return '0'
+    end
+    return #names .. ' (' .. table.concat(names, ' ') .. ')'
+end
+
 local function check_arity(name, keys, args, key_names, arg_names)
     if #keys ~= #key_names then
         return redis.error_reply(format(
-            'ERR wrong number of keys for %s: expected %d (%s), got %d',
-            name, #key_names, table.concat(key_names, ' '), #keys))
+            'ERR wrong number of keys for %s: expected %s, got %d',
+            name, expected(key_names), #keys))
     end
     if #args ~= #arg_names then
         return redis.error_reply(format(
-            'ERR wrong number of arguments for %s: expected %d (%s), got %d',
-            name, #arg_names, table.concat(arg_names, ' '), #args))
+            'ERR wrong number of arguments for %s: expected %s, got %d',
+            name, expected(arg_names), #args))
     end
     return nil
 end

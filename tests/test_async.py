@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -27,6 +28,7 @@ import concurrent_runs.aio
 from concurrent_runs import (
     AsyncConcurrentRunsLimiter,
     AsyncSlot,
+    ConcurrentRunsError,
     ConcurrentRunsLimiter,
     Slot,
     SlotLimitReachedError,
@@ -152,9 +154,9 @@ def async_wait_in_line_process(
 async def process_limiter_env(redis_url, loaded_client, monkeypatch):
     """Point the process-wide asyncio limiter at the test server, built afresh."""
     monkeypatch.setenv("CONCURRENT_RUNS_REDIS_URL", redis_url)
-    monkeypatch.setattr(concurrent_runs.aio, "_shared_limiter", None)
+    monkeypatch.setattr(concurrent_runs.aio, "_shared_limiters", weakref.WeakKeyDictionary())
     yield monkeypatch
-    shared = concurrent_runs.aio._shared_limiter
+    shared = concurrent_runs.aio._shared_limiters.get(asyncio.get_running_loop())
     if shared is not None:
         await shared.close()
 
@@ -831,3 +833,69 @@ class TestCancellation:
             assert live_slots(loaded_client, key) == {}, number
         await limiter.close()
         await pool.aclose()
+
+
+# Slot objects and event loops ------------------------------------------------
+
+
+class TestSlotObject:
+    async def test_slot_object_reentered_while_held_raises(self, async_limiter, key):
+        guard = async_limiter.slot(key, 3)
+
+        async with guard:
+            with pytest.raises(ConcurrentRunsError, match="already held"):
+                async with guard:
+                    pass
+            assert await async_limiter.get_count(key) == 1
+
+        assert await async_limiter.get_count(key) == 0
+
+    async def test_slot_object_reused_after_exit_takes_new_slot(self, async_limiter, key):
+        guard = async_limiter.slot(key, 1)
+
+        async with guard as first:
+            assert await async_limiter.get_count(key) == 1
+        async with guard as second:
+            assert await async_limiter.get_count(key) == 1
+
+        assert first != second
+        assert guard.token is None
+        assert await async_limiter.get_count(key) == 0
+
+
+def test_limiter_used_on_second_loop_raises_and_leaks_nothing(redis_url, loaded_client, key):
+    limiter = AsyncConcurrentRunsLimiter(redis_url, slot_timeout=60)
+
+    async def hold_once():
+        async with limiter.slot(key, 1):
+            pass
+
+    async def hold_once_then_close():
+        await hold_once()
+        await limiter.close()
+
+    asyncio.run(hold_once_then_close())
+    with pytest.raises(ConcurrentRunsError, match="another event loop"):
+        asyncio.run(hold_once())
+
+    assert loaded_client.fcall_ro("runs_count", 1, f"concurrent_runs:{key}") == 0
+
+
+def test_process_limiter_serves_each_event_loop(redis_url, loaded_client, key, monkeypatch):
+    monkeypatch.setenv("CONCURRENT_RUNS_REDIS_URL", redis_url)
+    monkeypatch.setattr(concurrent_runs.aio, "_shared_limiters", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(concurrent_runs.aio, "_unbound_limiter", None)
+
+    async def hold_once():
+        async with async_acquire_slot(key, 1) as token:
+            count = await get_async_concurrent_limiter().get_count(key)
+        await get_async_concurrent_limiter().close()
+        return token, count
+
+    first_token, first_count = asyncio.run(hold_once())
+    second_token, second_count = asyncio.run(hold_once())
+
+    assert first_count == 1
+    assert second_count == 1
+    assert first_token != second_token
+    assert loaded_client.fcall_ro("runs_count", 1, f"concurrent_runs:{key}") == 0

@@ -476,6 +476,12 @@ class TestReapCommand:
         assert result.stdout == f"removed 1001 ended slots from concurrent_runs:{key}\n"
         assert loaded_client.exists("concurrent_runs:" + key) == 0
 
+    def test_reap_one_ended_slot_says_slot(self, redis_url, loaded_client, key):
+        add_ended_slots(loaded_client, "concurrent_runs:" + key, 1)
+        result = run("reap", key, "--url", redis_url)
+        assert result.exit_code == 0
+        assert result.stdout == f"removed 1 ended slot from concurrent_runs:{key}\n"
+
     def test_reap_unknown_key_removes_nothing(self, redis_url, loaded_client, key):
         result = run("reap", key, "--url", redis_url)
         assert result.exit_code == 0

@@ -85,13 +85,39 @@ class TestLimit:
         assert run_agent.__name__ == "run_agent"
         assert run_agent.__doc__ == "Run one agent."
 
-    def test_limit_template_naming_unknown_argument_raises(self, limiter, key):
-        @limiter.limit("agent:{agent}", max_slots=1)
+    def test_limit_template_naming_unknown_argument_raises_at_decoration(self, limiter):
         def run_agent(agent_id: str) -> None:
             pytest.fail("the function ran without a slot")
 
-        with pytest.raises(ValueError, match="'agent' which is not an argument"):
-            run_agent(key)
+        with pytest.raises(ValueError, match="names 'agent', which is not an argument"):
+            limiter.limit("agent:{agent}", max_slots=1)(run_agent)
+
+    def test_limit_positional_template_field_raises_at_decoration(self, limiter):
+        with pytest.raises(ValueError, match="positional field"):
+            limiter.limit("agent:{0}", max_slots=1)(lambda agent_id: None)
+
+    def test_limit_key_from_var_keyword_argument(self, limiter, key):
+        @limiter.limit("agent:{agent_id}", max_slots=1)
+        def run_agent(**options):
+            return limiter.get_count(f"agent:{options['agent_id']}")
+
+        assert run_agent(agent_id=key) == 1
+        assert limiter.get_count(f"agent:{key}") == 0
+
+    def test_limit_missing_var_keyword_field_raises(self, limiter):
+        @limiter.limit("agent:{agent_id}", max_slots=1)
+        def run_agent(**options):
+            pytest.fail("the function ran without a slot")
+
+        with pytest.raises(ValueError, match="did not pass"):
+            run_agent(other="x")
+
+    def test_limit_coroutine_function_raises_at_decoration(self, limiter):
+        async def run_agent(agent_id: str) -> None:
+            pass
+
+        with pytest.raises(TypeError, match="AsyncConcurrentRunsLimiter.limit"):
+            limiter.limit("agent:{agent_id}", max_slots=1)(run_agent)
 
     def test_limit_invalid_max_slots_raises_at_decoration(self, limiter):
         with pytest.raises(ValueError):
@@ -194,3 +220,10 @@ class TestLimit:
         assert inspect.iscoroutinefunction(run_agent)
         assert run_agent.__name__ == "run_agent"
         assert run_agent.__doc__ == "Run one agent."
+
+    async def test_async_limit_plain_function_raises_at_decoration(self, async_limiter):
+        def run_agent(agent_id: str) -> None:
+            pass
+
+        with pytest.raises(TypeError, match="ConcurrentRunsLimiter.limit"):
+            async_limiter.limit("agent:{agent_id}", max_slots=1)(run_agent)

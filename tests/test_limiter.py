@@ -777,3 +777,55 @@ def test_errors_derive_from_package_base():
         assert issubclass(error, ConcurrentRunsError)
     assert issubclass(ConcurrentRunsError, RuntimeError)
     assert concurrent_runs.ConcurrentRunsLimiter is ConcurrentRunsLimiter
+
+
+def test_slot_object_reentered_while_held_raises(limiter, key):
+    guard = limiter.slot(key, 3)
+
+    with guard:
+        with pytest.raises(ConcurrentRunsError, match="already held"):
+            with guard:
+                pass
+        assert limiter.get_count(key) == 1
+
+    assert limiter.get_count(key) == 0
+
+
+def test_slot_object_reused_after_exit_takes_new_slot(limiter, key):
+    guard = limiter.slot(key, 1)
+
+    with guard as first:
+        assert limiter.get_count(key) == 1
+    with guard as second:
+        assert limiter.get_count(key) == 1
+
+    assert first != second
+    assert guard.token is None
+    assert limiter.get_count(key) == 0
+
+
+def test_slot_object_shared_by_threads_leaks_nothing(limiter, key):
+    guard = limiter.slot(key, 3)
+    rejected = []
+
+    def enter_many_times():
+        for _ in range(20):
+            try:
+                with guard:
+                    pass
+            except ConcurrentRunsError as exc:
+                rejected.append(exc)
+
+    threads = [threading.Thread(target=enter_many_times) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert all("already held" in str(exc) for exc in rejected)
+    assert limiter.get_count(key) == 0
+
+
+def test_cluster_client_against_plain_server_raises_package_error(redis_url, loaded_client):
+    with pytest.raises(ConcurrentRunsError, match="Redis Cluster"):
+        ConcurrentRunsLimiter(redis_url, cluster=True)

@@ -306,4 +306,5 @@ def reap(key: str, url: str, prefix: str) -> None:
     redis_key = prefix + key
     with reported_errors(), SlotAdmin(url) as admin:
         removed = admin.reap(redis_key)
-    click.echo(f"removed {removed} ended slots from {redis_key}")
+    noun = "slot" if removed == 1 else "slots"
+    click.echo(f"removed {removed} ended {noun} from {redis_key}")

@@ -14,7 +14,9 @@ import inspect
 import logging
 import math
 import random
+import re
 import secrets
+import string
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,7 +24,12 @@ from typing import Any, Callable, Generator, Mapping, TypeVar, Union
 
 from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, OutOfMemoryError, ResponseError
+from redis.exceptions import (
+    NoPermissionError,
+    OutOfMemoryError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import (
@@ -193,7 +200,7 @@ def seconds_to_ms(seconds: object, name: str) -> int:
         raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
     scaled = seconds * 1000
     if scaled > MAX_TIMEOUT_MS:
-        raise ValueError(f"{name} must be at most {MAX_TIMEOUT_MS // 1000} s, got {seconds!r}")
+        raise ValueError(f"{name} must be at most {MAX_TIMEOUT_MS / 1000:.3f} s, got {seconds!r}")
     return max(1, math.ceil(scaled))
 
 
@@ -207,7 +214,9 @@ def check_wait(wait: object) -> float | None:
     except OverflowError:
         wait_s = math.inf
     if not (wait_s >= 0 and math.isfinite(wait_s)):
-        raise ValueError(f"wait must be zero or a positive number of seconds, got {wait!r}")
+        raise ValueError(
+            f"wait must be zero or a finite positive number of seconds, got {wait!r}"
+        )
     return wait_s
 
 
@@ -239,9 +248,10 @@ def limiter_settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     if timeout_text:
         try:
             settings["slot_timeout"] = float(timeout_text)
+            seconds_to_ms(settings["slot_timeout"], "slot_timeout")
         except ValueError:
             raise ValueError(
-                "CONCURRENT_RUNS_SLOT_TIMEOUT must be a number of seconds, "
+                "CONCURRENT_RUNS_SLOT_TIMEOUT must be a positive number of seconds, "
                 f"got {timeout_text!r}"
             ) from None
     fail_open_text = environ.get("CONCURRENT_RUNS_FAIL_OPEN", "")
@@ -249,16 +259,74 @@ def limiter_settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return settings
 
 
+def key_template_fields(template: str, func: Callable[..., Any]) -> list[str]:
+    """Return the argument names a key template uses, checking them against func.
+
+    Raise ValueError for a positional field such as '{0}' and for a name that
+    is not a parameter of func (unless func takes **kwargs).
+    """
+    parameters = inspect.signature(func).parameters
+    takes_any_keyword = any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()
+    )
+    fields = []
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is None:
+            continue
+        name = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if not name or name.isdigit():
+            raise ValueError(
+                f"key template {template!r} has a positional field {{{field}}}; name "
+                f"an argument of {func.__qualname__} instead, such as {{agent_id}}"
+            )
+        if name not in parameters and not takes_any_keyword:
+            raise ValueError(
+                f"key template {template!r} names {name!r}, which is not an argument "
+                f"of {func.__qualname__}"
+            )
+        fields.append(name)
+    return fields
+
+
+def check_limited_function(template: str, func: Callable[..., Any], is_async: bool) -> None:
+    """Check a function for the limit decorator before it is wrapped.
+
+    A coroutine function under the sync decorator would hold its slot only
+    while the coroutine object is made, so it is rejected, as is a plain
+    function under the asyncio decorator.
+    """
+    if not callable(func):
+        raise TypeError(f"limit() decorates a function, not {type(func).__name__}")
+    if inspect.iscoroutinefunction(func) and not is_async:
+        raise TypeError(
+            f"{func.__qualname__} is a coroutine function: decorate it with "
+            "AsyncConcurrentRunsLimiter.limit"
+        )
+    if is_async and not inspect.iscoroutinefunction(func):
+        raise TypeError(
+            f"{func.__qualname__} is not a coroutine function: decorate it with "
+            "ConcurrentRunsLimiter.limit"
+        )
+    key_template_fields(template, func)
+
+
 def format_key(template: str, func: Callable[..., Any], args: tuple, kwargs: dict) -> str:
-    """Fill a key template such as 'agent:{agent_id}' from a call's arguments."""
+    """Fill a key template such as 'agent:{agent_id}' from a call's arguments.
+
+    Arguments passed through **kwargs can be named too.
+    """
     bound = inspect.signature(func).bind(*args, **kwargs)
     bound.apply_defaults()
+    values = dict(bound.arguments)
+    for parameter in bound.signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            values.update(values.pop(parameter.name, {}))
     try:
-        return template.format(**bound.arguments)
-    except (KeyError, IndexError) as exc:
+        return template.format(**values)
+    except KeyError as exc:
         raise ValueError(
-            f"key template {template!r} names {exc} which is not an argument of "
-            f"{func.__qualname__}"
+            f"key template {template!r} names {exc}, which this call of "
+            f"{func.__qualname__} did not pass"
         ) from None
 
 
@@ -304,6 +372,12 @@ def login_error(action: str, exc: AuthenticationError) -> ConcurrentRunsError:
         f"Could not {action}: Redis rejected the login ({exc}); check the user "
         "name and password in the Redis URL or client"
     )
+
+
+def cluster_error(action: str, exc: Exception) -> ConcurrentRunsError:
+    """Return the error for a Redis Cluster client that could not work at all,
+    such as one pointed at a server that is not in cluster mode."""
+    return ConcurrentRunsError(f"Could not {action} on the Redis Cluster: {exc}")
 
 
 def check_compatible(installed: str, packaged: str) -> None:
@@ -410,6 +484,8 @@ class LimiterCore:
                 logger.info("%s is missing on the server; checking the library", call.name)
                 self.server_version = None
                 installed = yield from self.check_library()
+            except RedisClusterException as exc:
+                raise cluster_error(f"run {call.name}", exc) from exc
 
     def check_library(self) -> Operation[str]:
         """Read the server's library version, loading the library if it is missing."""
@@ -435,6 +511,8 @@ class LimiterCore:
             if not is_function_missing(exc):
                 raise translate_response_error(exc, version_call) from exc
             return None
+        except RedisClusterException as exc:
+            raise cluster_error(f"check the {LIBRARY_NAME} library", exc) from exc
 
     def load_library(self) -> Operation[str]:
         """Load the packaged library onto a server that has none.
@@ -703,6 +781,25 @@ class SlotState:
         self.on_lost = on_lost
         self.token: str | None = None
         self.lost = False
+
+    def in_use_error(self) -> ConcurrentRunsError:
+        return ConcurrentRunsError(
+            f"Could not enter the slot of {self.key!r}: this slot object is already "
+            "held; call slot() once for each with block"
+        )
+
+    def begin(self, token: str) -> None:
+        """Record the token of a newly held slot."""
+        self.token = token
+        self.lost = False
+
+    def log_release_failure(self, error: Exception) -> None:
+        logger.warning(
+            "could not release slot %s of %r; it frees itself when its lease ends: %s",
+            self.token,
+            self.key,
+            error,
+        )
 
     def mark_lost(self, reason: str) -> Operation[None]:
         self.lost = True

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import os
 import time
+import weakref
 from types import TracebackType
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -41,7 +42,7 @@ from .client import (
     replica_read_options,
 )
 from ._wakeups import AsyncWakeups, as_bytes, async_wait_flag
-from .errors import LimiterUnavailableError, SlotLimitReachedError
+from .errors import ConcurrentRunsError, LimiterUnavailableError, SlotLimitReachedError
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -139,6 +140,7 @@ class AsyncConcurrentRunsLimiter:
         self.client = client
         self._is_cluster = isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._wakeups = None if self._is_cluster else AsyncWakeups(client, socket_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def slot_timeout(self) -> float:
@@ -197,8 +199,11 @@ class AsyncConcurrentRunsLimiter:
     ) -> Callable[[F], F]:
         """Decorate a coroutine function so that each call holds a slot."""
         _core.check_max_slots(max_slots)
+        _core.check_wait(wait)
 
         def decorate(func: F) -> F:
+            _core.check_limited_function(key_template, func, is_async=True)
+
             @functools.wraps(func)
             async def limited(*args: Any, **kwargs: Any) -> Any:
                 key = _core.format_key(key_template, func, args, kwargs)
@@ -229,6 +234,7 @@ class AsyncConcurrentRunsLimiter:
         Once a cancellation has been thrown into the operation, the requests of
         its clean-up run shielded, so that a second cancel cannot cut them off.
         """
+        self._check_loop()
         session = _Session(stop, self._wakeups)
         cancels_before = _cancel_requests()
         reply: Any = None
@@ -268,6 +274,18 @@ class AsyncConcurrentRunsLimiter:
             # that came during the await would drop the operation's result.
             if session.subscribed:
                 await asyncio.shield(session.close())
+
+    def _check_loop(self) -> None:
+        """Bind the limiter to the running loop, or raise if it belongs to another."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise ConcurrentRunsError(
+                "Could not use this AsyncConcurrentRunsLimiter: it belongs to another "
+                "event loop, and its Redis client cannot move; create one limiter per "
+                "event loop (get_async_concurrent_limiter() does)"
+            )
 
     async def _perform_guarded(self, request: Request, session: _Session) -> Any:
         if not session.aborting:
@@ -372,13 +390,23 @@ class AsyncSlot(SlotState):
         self._limiter = limiter
         self._stop = asyncio.Event()
         self._renewer: asyncio.Task[None] | None = None
+        self._in_use = False
 
     async def __aenter__(self) -> str:
-        token = await self._limiter.acquire(self.key, self.max_slots, wait=self.wait)
+        if self._in_use:
+            raise self.in_use_error()
+        self._in_use = True
+        try:
+            token = await self._limiter.acquire(self.key, self.max_slots, wait=self.wait)
+        except BaseException:
+            self._in_use = False
+            raise
         if token is None:
+            self._in_use = False
             raise SlotLimitReachedError(self.key, self.max_slots, self.wait)
-        self.token = token
+        self.begin(token)
         if self.renew:
+            self._stop = asyncio.Event()
             renewal = self._limiter._core.keep_renewed(self.key, token, self)
             self._renewer = asyncio.ensure_future(self._limiter._run(renewal, self._stop))
         return token
@@ -404,34 +432,50 @@ class AsyncSlot(SlotState):
         giving_back.result()
 
     async def _give_back(self) -> None:
-        self._stop.set()
-        if self._renewer is not None:
-            await self._renewer
-        if self.token is None:
-            return
         try:
-            await self._limiter.release(self.key, self.token)
-        except LimiterUnavailableError as error:
-            _core.logger.warning(
-                "could not release slot %s of %r; it frees itself when its lease "
-                "ends: %s",
-                self.token,
-                self.key,
-                error,
-            )
+            self._stop.set()
+            if self._renewer is not None:
+                await self._renewer
+                self._renewer = None
+            if self.token is not None:
+                try:
+                    await self._limiter.release(self.key, self.token)
+                except LimiterUnavailableError as error:
+                    self.log_release_failure(error)
+        finally:
+            self.token = None
+            self._in_use = False
 
 
-_shared_limiter: AsyncConcurrentRunsLimiter | None = None
+# One limiter per event loop, because a redis.asyncio client belongs to the
+# loop it first ran on. The key None holds a limiter made outside any loop.
+_shared_limiters: weakref.WeakKeyDictionary[Any, AsyncConcurrentRunsLimiter] = (
+    weakref.WeakKeyDictionary()
+)
+_unbound_limiter: AsyncConcurrentRunsLimiter | None = None
 
 
 def get_async_concurrent_limiter() -> AsyncConcurrentRunsLimiter:
-    """Return the process-wide asyncio limiter, built once from the environment."""
-    global _shared_limiter
-    if _shared_limiter is None:
-        _shared_limiter = AsyncConcurrentRunsLimiter(
-            **_core.limiter_settings_from_env(os.environ)
-        )
-    return _shared_limiter
+    """Return the asyncio limiter of the running event loop, built once per
+    loop from the environment (see get_concurrent_limiter).
+
+    Called outside any event loop, it returns one limiter that belongs to the
+    first loop it runs on.
+    """
+    global _unbound_limiter
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        if _unbound_limiter is None:
+            _unbound_limiter = AsyncConcurrentRunsLimiter(
+                **_core.limiter_settings_from_env(os.environ)
+            )
+        return _unbound_limiter
+    limiter = _shared_limiters.get(loop)
+    if limiter is None:
+        limiter = AsyncConcurrentRunsLimiter(**_core.limiter_settings_from_env(os.environ))
+        _shared_limiters[loop] = limiter
+    return limiter
 
 
 def async_acquire_slot(

@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 import redis
 import redis.cluster
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.retry import Retry
 
 from . import _core
@@ -35,7 +35,7 @@ from ._core import (
     WaitForMessage,
 )
 from ._wakeups import Wakeups, as_bytes, wait_flag
-from .errors import LimiterUnavailableError, SlotLimitReachedError
+from .errors import ConcurrentRunsError, LimiterUnavailableError, SlotLimitReachedError
 from .library import packaged_version, parse_version
 
 T = TypeVar("T")
@@ -199,7 +199,17 @@ class ConcurrentRunsLimiter:
             options = client_options(socket_timeout)
             if use_cluster:
                 options.update(replica_read_options(read_from_replicas))
-                client = redis.cluster.RedisCluster.from_url(url, **options)
+                # redis-py's cluster client reads the cluster's layout at once.
+                try:
+                    client = redis.cluster.RedisCluster.from_url(url, **options)
+                except RedisClusterException as exc:
+                    raise ConcurrentRunsError(
+                        f"Could not connect to the Redis Cluster: {exc}"
+                    ) from exc
+                except _core.CONNECTION_ERRORS as exc:
+                    raise LimiterUnavailableError(
+                        f"Could not connect to the Redis Cluster: {exc}"
+                    ) from exc
             else:
                 client = redis.Redis.from_url(url, **options)
         self.client = client
@@ -278,8 +288,11 @@ class ConcurrentRunsLimiter:
         name, such as ``"agent:{agent_id}"``.
         """
         _core.check_max_slots(max_slots)
+        _core.check_wait(wait)
 
         def decorate(func: F) -> F:
+            _core.check_limited_function(key_template, func, is_async=False)
+
             @functools.wraps(func)
             def limited(*args: Any, **kwargs: Any) -> Any:
                 key = _core.format_key(key_template, func, args, kwargs)
@@ -411,21 +424,35 @@ class Slot(SlotState):
         self._limiter = limiter
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._in_use = threading.Lock()
 
     def __enter__(self) -> str:
-        token = self._limiter.acquire(self.key, self.max_slots, wait=self.wait)
+        if not self._in_use.acquire(blocking=False):
+            raise self.in_use_error()
+        try:
+            token = self._limiter.acquire(self.key, self.max_slots, wait=self.wait)
+        except BaseException:
+            self._in_use.release()
+            raise
         if token is None:
+            self._in_use.release()
             raise SlotLimitReachedError(self.key, self.max_slots, self.wait)
-        self.token = token
-        if self.renew:
-            renewal = self._limiter._core.keep_renewed(self.key, token, self)
-            self._renewer = threading.Thread(
-                target=self._limiter._run,
-                args=(renewal, self._stop),
-                name=f"concurrent_runs renewal of {self.key!r}",
-                daemon=True,
-            )
-            self._renewer.start()
+        try:
+            self.begin(token)
+            if self.renew:
+                self._stop = threading.Event()
+                renewal = self._limiter._core.keep_renewed(self.key, token, self)
+                self._renewer = threading.Thread(
+                    target=self._limiter._run,
+                    args=(renewal, self._stop),
+                    name=f"concurrent_runs renewal of {self.key!r}",
+                    daemon=True,
+                )
+                self._renewer.start()
+        except BaseException:
+            # Interrupted before the block began: give the slot back now.
+            self._give_back()
+            raise
         return token
 
     def __exit__(
@@ -434,21 +461,22 @@ class Slot(SlotState):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
-        if self.token is None:
-            return
+        self._give_back()
+
+    def _give_back(self) -> None:
         try:
-            self._limiter.release(self.key, self.token)
-        except LimiterUnavailableError as error:
-            _core.logger.warning(
-                "could not release slot %s of %r; it frees itself when its lease "
-                "ends: %s",
-                self.token,
-                self.key,
-                error,
-            )
+            self._stop.set()
+            if self._renewer is not None:
+                self._renewer.join()
+                self._renewer = None
+            if self.token is not None:
+                try:
+                    self._limiter.release(self.key, self.token)
+                except LimiterUnavailableError as error:
+                    self.log_release_failure(error)
+        finally:
+            self.token = None
+            self._in_use.release()
 
 
 _shared_limiter: ConcurrentRunsLimiter | None = None
