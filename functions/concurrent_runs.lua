@@ -28,7 +28,7 @@ local MAX_TIMEOUT_MS = 2 ^ 40 -- about 34 years; keeps every score an exact inte
 local MAX_SLOTS_LIMIT = 2 ^ 31 - 1
 local MAX_TOKEN_BYTES = 256
 local CLEANUP_BATCH = 16 -- ended entries removed by a call that finds its key full
-local REAP_BATCH = 500 -- ended entries removed by one runs_reap call
+local REAP_BATCH = 250 -- ended entries removed by one runs_reap call
 
 local WAITER_LEASE_PREFIX = '\0l'
 local WAITER_ORDER_PREFIX = '\0q'
@@ -159,9 +159,14 @@ local function remove_ended(key, now, limit, with_waiters)
 
     local leases = call('ZRANGEBYSCORE', key, inclusive(LEASE_BASE),
         inclusive(LEASE_BASE + now), 'LIMIT', 0, limit)
-    for _, lease_member in ipairs(leases) do
-        local token = string.sub(lease_member, #WAITER_LEASE_PREFIX + 1)
-        call('ZREM', key, lease_member, WAITER_ORDER_PREFIX .. token)
+    if #leases > 0 then
+        local members = {}
+        for _, lease_member in ipairs(leases) do
+            local token = string.sub(lease_member, #WAITER_LEASE_PREFIX + 1)
+            members[#members + 1] = lease_member
+            members[#members + 1] = WAITER_ORDER_PREFIX .. token
+        end
+        call('ZREM', key, unpack(members))
     end
     return #slots, #leases
 end
@@ -481,8 +486,8 @@ end
 --[[
 runs_reap: remove ended slots and ended waiters from KEY, one batch a call.
   KEYS[1]  the limit key
-Returns the number of ended slots removed: at most 500, so call again while
-the reply is 500 to remove more. When any entry was removed, the first live
+Returns the number of ended slots removed: at most 250, so call again while
+the reply is 250 to remove more. When any entry was removed, the first live
 waiter on KEY is woken (see runs_wait).
 ]]
 local function runs_reap(keys, args)

@@ -19,7 +19,7 @@ from concurrent_runs.library import packaged_version
 LONG_MS = 60_000  # a lease that no test outlives
 SHORT_MS = 50  # a lease that a test waits out
 CLEANUP_BATCH = 16  # ended entries removed by one acquire, wait, release or extend
-REAP_BATCH = 500  # ended slots removed by one runs_reap call
+REAP_BATCH = 250  # ended slots removed by one runs_reap call
 MAX_SLOTS_LIMIT = 2**31 - 1
 MAX_TIMEOUT_MS = 2**40
 WAITER_LEASE_PREFIX = b"\0l"
@@ -337,8 +337,8 @@ def test_holders_missing_key_is_empty(loaded_client, key):
 # runs_reap ---------------------------------------------------------------------
 
 
-def test_reap_removes_500_then_the_rest(loaded_client, key):
-    loaded_client.zadd(key, {f"ended-{i}": 1_000 + i for i in range(1_234)})
+def test_reap_removes_batches_then_the_rest(loaded_client, key):
+    loaded_client.zadd(key, {f"ended-{i}": 1_000 + i for i in range(617)})
     acquire(loaded_client, key, "live", max_slots=1)
     ended_left = loaded_client.zcard(key) - 1  # the acquire removed a few itself
 

@@ -300,8 +300,8 @@ def release(key: str, token: str, url: str, prefix: str) -> None:
 def reap(key: str, url: str, prefix: str) -> None:
     """Remove the ended slots of KEY and print how many.
 
-    Ended slots never count, and each call of the limiter removes a few, so
-    this only tidies a key that many crashed holders left behind.
+    Ended slots never count, and an acquire that finds its key full removes
+    a few, so this only tidies a key that many crashed holders left behind.
     """
     redis_key = prefix + key
     with reported_errors(), SlotAdmin(url) as admin:

@@ -20,7 +20,7 @@ FN_REAP = "runs_reap"
 FN_VERSION = "runs_version"
 
 # Maximum number of ended slots one runs_reap call removes.
-REAP_BATCH = 500
+REAP_BATCH = 250
 
 _VERSION_LINE = re.compile(r"^local VERSION = '(\d+\.\d+\.\d+)'$", re.MULTILINE)
 
