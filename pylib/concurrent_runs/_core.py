@@ -80,6 +80,9 @@ MAX_UNCONFIRMED = 100
 MAX_LIBRARY_LOADS = 5
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError)
+# A generator of its own, so that the jitter of waiters leaves the global
+# random state of the application alone.
+_jitter = random.Random()
 TRUE_WORDS = frozenset({"1", "true", "yes"})
 
 KeyT = Union[str, bytes]
@@ -627,7 +630,7 @@ class LimiterCore:
                 subscribed = already_active is not None
                 if subscribed and not already_active:
                     continue
-            pause = min(remaining, FALLBACK_POLL_S * random.uniform(0.5, 1.0))
+            pause = min(remaining, FALLBACK_POLL_S * _jitter.uniform(0.5, 1.0))
             if next_end_ms >= 0:
                 pause = min(pause, next_end_ms / 1000 + 0.002)
             if subscribed:
