@@ -34,14 +34,15 @@ from ._core import (
     Unsubscribe,
     WaitForMessage,
 )
+from ._wakeups import AsyncWakeups, as_bytes, async_wait_flag
 from .client import (
     check_read_from_replicas,
     client_options,
     cluster_from_env,
+    merge_cluster_loads,
     merge_cluster_versions,
     replica_read_options,
 )
-from ._wakeups import AsyncWakeups, as_bytes, async_wait_flag
 from .errors import ConcurrentRunsError, LimiterUnavailableError, SlotLimitReachedError
 
 T = TypeVar("T")
@@ -329,48 +330,28 @@ class AsyncConcurrentRunsLimiter:
         raise TypeError(f"unknown request {request!r}")
 
     async def _load_on_every_primary(self, source: str) -> Any:
-        """Load the library on each primary of the cluster that lacks it.
-
-        Raise the "already exists" error only when every primary had it.
-        redis-py's asyncio FUNCTION LOAD goes to every primary at once but
-        raises the first error in place of the other replies, so the load goes
-        to one node at a time, as in the sync limiter.
-        """
-        # The cluster client learns its nodes on its first command.
-        await self.client.initialize()
-        loaded = None
-        already_exists = None
-        for node in self.client.get_primaries():
-            try:
-                loaded = await self.client.execute_command(
-                    "FUNCTION LOAD", source, target_nodes=node
-                )
-            except ResponseError as exc:
-                if "already exists" not in str(exc):
-                    raise
-                already_exists = exc
-        if loaded is None and already_exists is not None:
-            raise already_exists
-        return loaded
+        """Load the library on each primary that lacks it, one node at a time."""
+        return merge_cluster_loads(await self._on_every_primary("FUNCTION LOAD", source))
 
     async def _read_version_of_every_primary(self, request: FunctionCall) -> Any:
         """Run the keyless runs_version on each primary and merge the replies."""
-        await self.client.initialize()
         command = "FCALL_RO" if request.read_only else "FCALL"
-        replies = []
-        missing = None
+        replies = await self._on_every_primary(command, request.name, 0, *request.args)
+        return merge_cluster_versions(replies)
+
+    async def _on_every_primary(self, *command: Any) -> list[Any]:
+        """Run a command on each primary; return its replies and error replies."""
+        # The cluster client learns its nodes on its first command.
+        await self.client.initialize()
+        replies: list[Any] = []
         for node in self.client.get_primaries():
             try:
                 replies.append(
-                    await self.client.execute_command(
-                        command, request.name, 0, *request.args, target_nodes=node
-                    )
+                    await self.client.execute_command(*command, target_nodes=node)
                 )
             except ResponseError as exc:
-                if not _core.is_function_missing(exc):
-                    raise
-                missing = exc
-        return merge_cluster_versions(replies, missing)
+                replies.append(exc)
+        return replies
 
 
 class AsyncSlot(SlotState):

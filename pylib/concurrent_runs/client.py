@@ -89,15 +89,44 @@ def check_read_from_replicas(client: Any, cluster: bool) -> None:
         raise ValueError("read_from_replicas needs a Redis Cluster: pass cluster=True")
 
 
-def merge_cluster_versions(replies: list[Any], missing: ResponseError | None) -> Any:
+def merge_cluster_loads(replies: list[Any]) -> Any:
+    """Return the reply that represents FUNCTION LOAD on every primary.
+
+    ``replies`` holds each primary's reply or error reply. A primary that
+    already had the library replies "already exists", which is raised only
+    when every primary had it; any other error is raised at once.
+    """
+    loaded = None
+    already_exists = None
+    for reply in replies:
+        if not isinstance(reply, ResponseError):
+            loaded = reply
+        elif "already exists" in str(reply):
+            already_exists = reply
+        else:
+            raise reply
+    if loaded is None and already_exists is not None:
+        raise already_exists
+    return loaded
+
+
+def merge_cluster_versions(replies: list[Any]) -> Any:
     """Return the library version that represents every primary of a cluster.
 
-    Each primary has its own copy of the library. An unreadable version, or
-    one of another major version than the packaged library, is returned first
-    so that the version check fails. Otherwise ``missing``, the error of a
-    primary without the library, is raised so that the library gets loaded.
-    Else the lowest version is returned.
+    ``replies`` holds each primary's reply or error reply. Each primary has
+    its own copy of the library. An unreadable version, or one of another
+    major version than the packaged library, is returned first so that the
+    version check fails. Otherwise the error of a primary without the library
+    is raised so that the library gets loaded. Else the lowest version is
+    returned.
     """
+    versions = [reply for reply in replies if not isinstance(reply, ResponseError)]
+    missing = None
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            if not _core.is_function_missing(reply):
+                raise reply
+            missing = reply
     packaged_major = parse_version(packaged_version())[0]
 
     def rank(reply: Any) -> tuple:
@@ -107,7 +136,7 @@ def merge_cluster_versions(replies: list[Any], missing: ResponseError | None) ->
             return (0,)
         return (1 if version[0] != packaged_major else 2, version)
 
-    worst = min(replies, key=rank, default=None)
+    worst = min(versions, key=rank, default=None)
     if worst is not None and rank(worst)[0] < 2:
         return worst
     if missing is not None:
@@ -368,43 +397,27 @@ class ConcurrentRunsLimiter:
     def _load_on_every_primary(self, source: str) -> Any:
         """Load the library on each primary of the cluster that lacks it.
 
-        Raise the "already exists" error only when every primary had it.
         redis-py's own FUNCTION LOAD goes to every primary but stops at the
         first error, so a primary that has the library would keep it from the
         primaries after it. Hence the load goes to one node at a time.
         """
-        loaded = None
-        already_exists = None
-        for node in self.client.get_primaries():
-            try:
-                loaded = self.client.execute_command(
-                    "FUNCTION LOAD", source, target_nodes=node
-                )
-            except ResponseError as exc:
-                if "already exists" not in str(exc):
-                    raise
-                already_exists = exc
-        if loaded is None and already_exists is not None:
-            raise already_exists
-        return loaded
+        return merge_cluster_loads(self._on_every_primary("FUNCTION LOAD", source))
 
     def _read_version_of_every_primary(self, request: FunctionCall) -> Any:
         """Run the keyless runs_version on each primary and merge the replies."""
         command = "FCALL_RO" if request.read_only else "FCALL"
-        replies = []
-        missing = None
+        replies = self._on_every_primary(command, request.name, 0, *request.args)
+        return merge_cluster_versions(replies)
+
+    def _on_every_primary(self, *command: Any) -> list[Any]:
+        """Run a command on each primary; return its replies and error replies."""
+        replies: list[Any] = []
         for node in self.client.get_primaries():
             try:
-                replies.append(
-                    self.client.execute_command(
-                        command, request.name, 0, *request.args, target_nodes=node
-                    )
-                )
+                replies.append(self.client.execute_command(*command, target_nodes=node))
             except ResponseError as exc:
-                if not _core.is_function_missing(exc):
-                    raise
-                missing = exc
-        return merge_cluster_versions(replies, missing)
+                replies.append(exc)
+        return replies
 
 
 class Slot(SlotState):
