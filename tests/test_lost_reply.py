@@ -15,6 +15,9 @@ How the tests lose a reply, on a real server and without a proxy:
 
 The client sees the connection drop and retries with the same token. The
 server's FCALL count tells that the first call did run: two FCALLs, not one.
+Now and then the kernel reports the killer's socket first, CLIENT KILL runs
+before the FCALL, and the count is one; each test then tries again, up to
+ATTEMPTS times, and checks the outcome of the attempt that lost the reply.
 """
 
 from __future__ import annotations
@@ -110,57 +113,67 @@ def async_limiter_of(url: str, retry_by: str) -> AsyncConcurrentRunsLimiter:
 # Whose retry repeats the call: redis-py's own (the limiter builds the client
 # with one retry), or the limiter's, for a client that never retries.
 RETRY_BY = ["redis-py", "limiter"]
+ATTEMPTS = 5
+MISSED = "no attempt lost the reply: CLIENT KILL ran before the FCALL each time"
 
 
 class TestLostReply:
     @pytest.mark.parametrize("retry_by", RETRY_BY)
     @pytest.mark.parametrize("wait", [None, 5])
     def test_acquire_reply_lost_takes_one_slot(self, server_folder, key, retry_by, wait):
-        with RedisServer(server_folder) as server, server.client() as admin:
-            limiter = sync_limiter(server.url, retry_by)
-            limiter.get_count(key)  # connects and loads the library
-            cutter = ReplyCutter(server, admin, CLIENT_NAME)
-            fcalls_before = fcall_count(admin)
+        for attempt in range(ATTEMPTS):
+            with RedisServer(server_folder / str(attempt)) as server, server.client() as admin:
+                limiter = sync_limiter(server.url, retry_by)
+                limiter.get_count(key)  # connects and loads the library
+                cutter = ReplyCutter(server, admin, CLIENT_NAME)
+                fcalls_before = fcall_count(admin)
 
-            cutter.freeze()
-            with ThreadPoolExecutor(1) as pool:
-                acquiring = pool.submit(limiter.acquire, key, 1, wait)
-                kill_reply = cutter.cut()
-                token = acquiring.result(timeout=20)
+                cutter.freeze()
+                with ThreadPoolExecutor(1) as pool:
+                    acquiring = pool.submit(limiter.acquire, key, 1, wait)
+                    kill_reply = cutter.cut()
+                    token = acquiring.result(timeout=20)
 
-            fcalls = fcall_count(admin) - fcalls_before
-            holders = limiter.get_holders(key)
-            freed = limiter.release(key, token) if token else None
-            cutter.close()
-            limiter.close()
+                fcalls = fcall_count(admin) - fcalls_before
+                holders = limiter.get_holders(key)
+                freed = limiter.release(key, token) if token else None
+                cutter.close()
+                limiter.close()
+            if fcalls == 2:
+                break
+        else:
+            pytest.fail(MISSED)
 
         assert kill_reply == b":1\r\n"
-        assert fcalls == 2, "the first acquire did not run before its connection was killed"
         assert token is not None
         assert holders.keys() == {token}
         assert freed is True
 
     @pytest.mark.parametrize("retry_by", RETRY_BY)
     def test_release_reply_lost_frees_slot(self, server_folder, key, retry_by):
-        with RedisServer(server_folder) as server, server.client() as admin:
-            limiter = sync_limiter(server.url, retry_by)
-            token = limiter.acquire(key, 1)
-            cutter = ReplyCutter(server, admin, CLIENT_NAME)
-            fcalls_before = fcall_count(admin)
+        for attempt in range(ATTEMPTS):
+            with RedisServer(server_folder / str(attempt)) as server, server.client() as admin:
+                limiter = sync_limiter(server.url, retry_by)
+                token = limiter.acquire(key, 1)
+                cutter = ReplyCutter(server, admin, CLIENT_NAME)
+                fcalls_before = fcall_count(admin)
 
-            cutter.freeze()
-            with ThreadPoolExecutor(1) as pool:
-                releasing = pool.submit(limiter.release, key, token)
-                kill_reply = cutter.cut()
-                freed = releasing.result(timeout=20)
+                cutter.freeze()
+                with ThreadPoolExecutor(1) as pool:
+                    releasing = pool.submit(limiter.release, key, token)
+                    kill_reply = cutter.cut()
+                    freed = releasing.result(timeout=20)
 
-            fcalls = fcall_count(admin) - fcalls_before
-            count = limiter.get_count(key)
-            cutter.close()
-            limiter.close()
+                fcalls = fcall_count(admin) - fcalls_before
+                count = limiter.get_count(key)
+                cutter.close()
+                limiter.close()
+            if fcalls == 2:
+                break
+        else:
+            pytest.fail(MISSED)
 
         assert kill_reply == b":1\r\n"
-        assert fcalls == 2
         assert count == 0
         # NOTE: the retry finds the slot freed already, so release() returns
         # False although this very call freed it.
@@ -171,25 +184,29 @@ class TestLostReply:
     async def test_async_acquire_reply_lost_takes_one_slot(
         self, server_folder, key, retry_by, wait
     ):
-        with RedisServer(server_folder) as server, server.client() as admin:
-            limiter = async_limiter_of(server.url, retry_by)
-            await limiter.get_count(key)
-            cutter = ReplyCutter(server, admin, CLIENT_NAME)
-            fcalls_before = fcall_count(admin)
+        for attempt in range(ATTEMPTS):
+            with RedisServer(server_folder / str(attempt)) as server, server.client() as admin:
+                limiter = async_limiter_of(server.url, retry_by)
+                await limiter.get_count(key)
+                cutter = ReplyCutter(server, admin, CLIENT_NAME)
+                fcalls_before = fcall_count(admin)
 
-            cutter.freeze()
-            acquiring = asyncio.create_task(limiter.acquire(key, 1, wait))
-            kill_reply = await asyncio.to_thread(cutter.cut)
-            token = await asyncio.wait_for(acquiring, 20)
+                cutter.freeze()
+                acquiring = asyncio.create_task(limiter.acquire(key, 1, wait))
+                kill_reply = await asyncio.to_thread(cutter.cut)
+                token = await asyncio.wait_for(acquiring, 20)
 
-            fcalls = fcall_count(admin) - fcalls_before
-            holders = await limiter.get_holders(key)
-            freed = await limiter.release(key, token) if token else None
-            cutter.close()
-            await limiter.close()
+                fcalls = fcall_count(admin) - fcalls_before
+                holders = await limiter.get_holders(key)
+                freed = await limiter.release(key, token) if token else None
+                cutter.close()
+                await limiter.close()
+            if fcalls == 2:
+                break
+        else:
+            pytest.fail(MISSED)
 
         assert kill_reply == b":1\r\n"
-        assert fcalls == 2, "the first acquire did not run before its connection was killed"
         assert token is not None
         assert holders.keys() == {token}
         assert freed is True
