@@ -204,8 +204,8 @@ end
 -- channel named like KEY (SPUBLISH, so on a cluster the message stays on the
 -- shard that owns the key). Ended waiters met on the way are removed, at
 -- most CLEANUP_BATCH of them. Only the first in line is woken, because it is
--- the only one that may take the slot; when it does and room is left, its
--- own call wakes the next.
+-- the only one that may take the slot. When it takes the slot and room is
+-- left, its own call wakes the next.
 local function wake_first_waiter(key, now)
     for _ = 1, CLEANUP_BATCH do
         local first = call('ZRANGEBYSCORE', key, inclusive(ORDER_BASE), '+inf', 'LIMIT', 0, 1)

@@ -863,7 +863,7 @@ class TestSlotObject:
         assert await async_limiter.get_count(key) == 0
 
 
-def test_limiter_used_on_second_loop_raises_and_leaks_nothing(redis_url, loaded_client, key):
+def test_limiter_on_second_loop_raises(redis_url, loaded_client, key):
     limiter = AsyncConcurrentRunsLimiter(redis_url, slot_timeout=60)
 
     async def hold_once():

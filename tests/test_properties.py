@@ -31,7 +31,7 @@ from servers import LOCALHOST, RedisServer
 
 # Hypothesis warns when the global random state moves while it draws examples.
 # Threads left behind by other tests (redis-py's retry jitter, for one) can move
-# it, which says nothing about the code under test here.
+# it, and that is no fault of the code under test here.
 pytestmark = pytest.mark.filterwarnings(
     "ignore::hypothesis.errors.HypothesisDeprecationWarning"
 )

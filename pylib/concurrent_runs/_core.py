@@ -72,8 +72,8 @@ WAIT_LEASE_MS = 3000
 FALLBACK_POLL_S = 1.0
 # Renewal extends the lease when this fraction of slot_timeout has passed.
 RENEW_FRACTION = 1 / 3
-# Tokens kept for release after calls that failed on an unreachable Redis;
-# past this many the oldest are dropped and their slots end with their leases.
+# Tokens kept for release after calls that failed on an unreachable Redis.
+# Past this many the oldest are dropped, and their slots end with their leases.
 MAX_UNCONFIRMED = 100
 # Loads of the library one call may make when it keeps vanishing from the
 # server (FUNCTION FLUSH run again and again) before the call gives up.
@@ -666,11 +666,11 @@ class LimiterCore:
         """Release the tokens of failed calls that may still have taken effect.
 
         A server that was frozen or cut off runs the commands it had received
-        once it recovers, so an acquire that raised LimiterUnavailableError can
+        once it recovers. So an acquire that raised LimiterUnavailableError can
         still take a slot that its caller never learned of, and a release that
         raised may not have run. Releasing those tokens before the next acquire
-        frees such slots as soon as Redis answers again, instead of when their
-        leases end. Raise LimiterUnavailableError while Redis is still away.
+        frees such slots as soon as Redis replies again, instead of when their
+        leases end. Raise LimiterUnavailableError while Redis is still down.
         """
         while self.unconfirmed:
             try:

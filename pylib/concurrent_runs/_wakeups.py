@@ -42,7 +42,7 @@ def as_bytes(value: KeyT) -> bytes:
 
 
 class WakeupRegistry:
-    """Which waiter waits for which token on which channel; no I/O.
+    """The waiters of each channel, by token, with their flags; no I/O.
 
     ``add`` and ``remove`` return the channels to subscribe or unsubscribe;
     ``dispatch`` sets the flag of the waiter a message is for.

@@ -46,8 +46,9 @@ def client_options(socket_timeout: float, retry_class: type = Retry) -> dict[str
     """Return redis-py client settings that bound how long any call can hang.
 
     redis-py's default retries ten times. The limiter retries a failed call
-    once itself, with the same arguments, so redis-py is told not to: a call
-    that meets a dead server returns within about twice the socket timeout.
+    once itself, with the same arguments, so redis-py's own retries are off,
+    and a call that meets a dead server returns within about twice the socket
+    timeout.
     """
     return {
         "socket_timeout": socket_timeout,
